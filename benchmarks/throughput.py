@@ -1,0 +1,149 @@
+"""Steady-state meta-training throughput (tasks/s) of metaflax's algorithms.
+
+    python -m benchmarks.throughput          # all workloads; writes benchmarks/results/
+    python -m benchmarks.throughput --workloads sinusoid --min-seconds 1
+
+For each workload x algorithm x inner steps it jit-compiles ``alg.step`` (compile time reported
+separately), then times repeated steps on a fixed meta-batch until ``--min-seconds`` pass.
+The conv4 section also compares formulations (pooling, task_map) of second-order MAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks.workloads import WORKLOADS, make_algorithm
+from metaflax.models import Conv4
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "meta_sgd")
+
+
+def time_step(alg, workload, min_seconds: float, min_steps: int = 3) -> dict:
+    """Compile time and steady-state tasks/s of ``jax.jit(alg.step)``."""
+    step = jax.jit(alg.step, donate_argnums=0)
+    state = alg.init(workload.params)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, workload.episodes, key).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, workload.episodes, key)  # warm-up
+    jax.block_until_ready(metrics)
+    steps, t0 = 0, time.perf_counter()
+    while steps < min_steps or time.perf_counter() - t0 < min_seconds:
+        state, metrics = compiled(state, workload.episodes, jax.random.fold_in(key, steps))
+        steps += 1
+        if steps % 10 == 0:
+            jax.block_until_ready(metrics)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - t0
+    tasks = workload.episodes.support[next(iter(workload.episodes.support))].shape[0]
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1e3 * seconds / steps,
+        "tasks_per_s": tasks * steps / seconds,
+        "steps_timed": steps,
+    }
+
+
+class _Conv4ReduceWindow(Conv4):
+    """Conv4 with XLA's reduce_window max-pool (select-and-scatter gradient), for comparison."""
+
+    def __call__(self, x):
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = nnx.max_pool(jax.nn.relu(norm(conv(x))), (2, 2), (2, 2), padding="VALID")
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def conv4_formulations(min_seconds: float) -> list[dict]:
+    """Second-order MAML (1 inner step) on conv4: pooling formulation x task_map."""
+    rows = []
+    for pool, cls in (("reshape-max", Conv4), ("reduce_window", _Conv4ReduceWindow)):
+        w = WORKLOADS["conv4"](cls)
+        for task_map in ("vmap", "scan", 8):
+            alg = make_algorithm("maml", w, 1, task_map=task_map)
+            r = time_step(alg, w, min_seconds)
+            rows.append({"pool": pool, "task_map": str(task_map), **r})
+            print(
+                f"conv4 maml pool={pool:13s} task_map={task_map!s:5s} "
+                f"{r['tasks_per_s']:9.1f} tasks/s  compile {r['compile_s']:.1f}s",
+                flush=True,
+            )
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 3.6))
+    for ax, wl in zip(np.atleast_1d(axes), workloads, strict=True):
+        sub = [r for r in rows if r["workload"] == wl]
+        algs = list(dict.fromkeys(r["algorithm"] for r in sub))
+        steps = sorted({r["inner_steps"] for r in sub})
+        width = 0.8 / len(steps)
+        for j, s in enumerate(steps):
+            vals = [
+                next(r["tasks_per_s"] for r in sub if r["algorithm"] == a and r["inner_steps"] == s)
+                for a in algs
+            ]
+            ax.bar(np.arange(len(algs)) + j * width, vals, width, label=f"{s} inner step(s)")
+        ax.set_xticks(np.arange(len(algs)) + width * (len(steps) - 1) / 2, algs)
+        ax.set(title=wl, ylabel="meta-train tasks/s", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workloads", default="sinusoid,conv4,encoder")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--inner-steps", default="1,5")
+    p.add_argument("--min-seconds", type=float, default=3.0)
+    p.add_argument("--no-formulations", action="store_true", help="skip the conv4 comparison")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for wl in args.workloads.split(","):
+        if wl not in WORKLOADS:
+            raise SystemExit(f"unknown workload {wl!r}; valid: {', '.join(WORKLOADS)}")
+        w = WORKLOADS[wl]()
+        for name in args.algorithms.split(","):
+            for k in map(int, args.inner_steps.split(",")):
+                r = time_step(make_algorithm(name, w, k), w, args.min_seconds)
+                rows.append({"workload": wl, "algorithm": name, "inner_steps": k, **r})
+                print(
+                    f"{wl:9s} {name:9s} k={k}  {r['tasks_per_s']:10.1f} tasks/s  "
+                    f"step {r['step_ms']:8.2f} ms  compile {r['compile_s']:5.1f} s",
+                    flush=True,
+                )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.devices()[0].platform}",
+        "jax": jax.__version__,
+        "throughput": rows,
+    }
+    if "conv4" in args.workloads and not args.no_formulations:
+        result["conv4_formulations"] = conv4_formulations(args.min_seconds)
+    with open(os.path.join(args.out, "throughput.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, os.path.join(args.out, "throughput.png"))
+    print(f"wrote {args.out}/throughput.json and throughput.png")
+
+
+if __name__ == "__main__":
+    main()

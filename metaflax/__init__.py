@@ -1,0 +1,45 @@
+"""metaflax: functional meta-learning in JAX/Flax.
+
+>>> import metaflax as mf
+>>> sorted(a for a in ("maml", "reptile", "meta_sgd", "lslr") if hasattr(mf, a))
+['lslr', 'maml', 'meta_sgd', 'reptile']
+"""
+
+from metaflax.algorithms import (
+    MetaAlgorithm,
+    MetaState,
+    adapt_only,
+    check_finite,
+    lslr,
+    maml,
+    meta_sgd,
+    path_filter,
+    reptile,
+    scale_by_learned_lr,
+    scale_by_per_step_lr,
+)
+from metaflax.core import Episode, check_episodes, make_adapt_fn, map_tasks
+from metaflax.evaluation import mean_ci95
+from metaflax.functional import functionalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Episode",
+    "MetaAlgorithm",
+    "MetaState",
+    "adapt_only",
+    "check_episodes",
+    "check_finite",
+    "functionalize",
+    "lslr",
+    "make_adapt_fn",
+    "maml",
+    "map_tasks",
+    "mean_ci95",
+    "meta_sgd",
+    "path_filter",
+    "reptile",
+    "scale_by_learned_lr",
+    "scale_by_per_step_lr",
+]

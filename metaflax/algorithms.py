@@ -1,0 +1,494 @@
+"""Meta-learning algorithms as optax-style factories of pure functions.
+
+Each factory validates its hyperparameters and returns a :class:`MetaAlgorithm`, a NamedTuple of
+pure functions. All state goes in and comes out; ``step`` is ``meta_grad`` followed by
+``outer_update``, exposed separately so the sharded modes (:mod:`metaflax.sharding`) can reduce
+the meta-gradient across devices between the two.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaflax.core import Episode, LossFn, PyTree, check_episodes, make_adapt_fn, map_tasks
+
+AdaptMask = PyTree | Callable[[PyTree], PyTree] | None
+
+
+class MetaState(NamedTuple):
+    """Outer-loop state: meta-parameters, outer optimizer state and the step counter."""
+
+    meta_params: PyTree
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+class MetaAlgorithm(NamedTuple):
+    """A meta-learning algorithm: a NamedTuple of pure functions.
+
+    Attributes:
+      init: ``init(params) -> MetaState``.
+      step: ``step(state, episodes, key) -> (state, metrics)``; one outer update on a
+        meta-batch (an ``Episode`` with a leading ``[tasks]`` axis). jit-able. ``key`` is one
+        PRNG key, or one key per task (shape ``[tasks]``, sharded like the episodes).
+      meta_loss: ``meta_loss(meta_params, episodes, key) -> (loss, metrics)``: the mean query
+        loss after adaptation; differentiable (this is what MAML-family steps differentiate).
+      meta_grad: ``meta_grad(meta_params, episodes, key) -> (grads, metrics)``: the mean
+        meta-gradient over the tasks (Reptile: its pseudo-gradient), shaped like meta_params.
+      outer_update: ``outer_update(state, grads, metrics) -> (state, metrics)``: applies
+        ``outer_tx``; a non-finite loss or gradient leaves the state unchanged.
+      adapt: ``adapt(meta_params, support, key, num_steps=None) -> (adapted_params,
+        inner_losses)`` for one task (no task axis): few-shot adaptation at evaluation time,
+        optionally with a different number of inner steps than in training.
+    """
+
+    init: Callable[[PyTree], MetaState]
+    step: Callable[[MetaState, Episode, jax.Array], tuple[MetaState, dict]]
+    meta_loss: Callable[[PyTree, Episode, jax.Array], tuple[jax.Array, dict]]
+    meta_grad: Callable[[PyTree, Episode, jax.Array], tuple[PyTree, dict]]
+    outer_update: Callable[[MetaState, PyTree, dict], tuple[MetaState, dict]]
+    adapt: Callable[..., tuple[PyTree, jax.Array]]
+
+
+def _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt) -> MetaAlgorithm:
+    """Builds the MetaAlgorithm shared by every factory around its own meta_grad."""
+
+    def init(params):
+        meta_params = init_meta(params)
+        return MetaState(meta_params, outer_tx.init(meta_params), jnp.zeros((), jnp.int32))
+
+    def outer_update(state, grads, metrics):
+        updates, opt_state = outer_tx.update(grads, state.opt_state, state.meta_params)
+        meta_params = optax.apply_updates(state.meta_params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = MetaState(meta_params, opt_state, state.step + 1)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return new, {**metrics, "grad_norm": grad_norm, "finite": finite, "step": state.step}
+
+    def step(state, episodes, key):
+        grads, metrics = meta_grad(state.meta_params, episodes, key)
+        return outer_update(state, grads, metrics)
+
+    return MetaAlgorithm(init, step, meta_loss, meta_grad, outer_update, adapt)
+
+
+def task_keys(key: jax.Array, num_tasks: int) -> jax.Array:
+    """One PRNG key per task: ``key`` is split, or used as is if it already holds one per task."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single_ndim = 0 if typed else 1
+    if key.ndim == single_ndim:
+        return jax.random.split(key, num_tasks)
+    if key.ndim == single_ndim + 1 and key.shape[0] == num_tasks:
+        return key
+    raise ValueError(
+        f"key must be one PRNG key or one per task ([{num_tasks}] keys), got shape {key.shape}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Inner-loop transformations built from meta-parameters.
+
+
+def path_filter(pattern: str) -> Callable[[PyTree], PyTree]:
+    """A parameter filter: ``True`` for leaves whose key path matches the regex ``pattern``.
+
+    Use it as ``adapt_mask`` to adapt only part of the model (ANIL adapts the head only).
+
+    >>> mask_fn = path_filter(r"head")
+    >>> mask_fn({"body": {"w": 1.0}, "head": {"w": 2.0}})
+    {'body': {'w': False}, 'head': {'w': True}}
+    """
+    regex = re.compile(pattern)
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: regex.search(jax.tree_util.keystr(path)) is not None, params
+    )
+
+
+def adapt_only(
+    inner_tx: optax.GradientTransformation, mask: AdaptMask
+) -> optax.GradientTransformation:
+    """Restricts ``inner_tx`` to the leaves where ``mask`` is True; the rest stay frozen.
+
+    ``mask`` is a pytree of bools shaped like the params, or a function from params to one
+    (e.g. :func:`path_filter`). Frozen leaves get zero updates and no optimizer state.
+
+    >>> import jax.numpy as jnp, optax
+    >>> tx = adapt_only(optax.sgd(1.0), {"body": False, "head": True})
+    >>> params = {"body": jnp.ones(2), "head": jnp.ones(2)}
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["body"].tolist(), updates["head"].tolist()
+    ([0.0, 0.0], [-1.0, -1.0])
+    """
+    if mask is None:
+        return inner_tx
+
+    def labels(params):
+        m = mask(params) if callable(mask) else mask
+        try:
+            return jax.tree.map(lambda keep, _: "adapt" if keep else "freeze", m, params)
+        except ValueError as e:
+            raise ValueError(
+                "adapt_mask must be a pytree of bools with the structure of the params (or a "
+                f"function of the params returning one, like mf.path_filter): {e}"
+            ) from None
+
+    return optax.multi_transform({"adapt": inner_tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def scale_by_learned_lr(inner_lr: PyTree) -> optax.GradientTransformation:
+    """``updates = -inner_lr * updates`` elementwise, with ``inner_lr`` shaped like the params.
+
+    The Meta-SGD inner rule. ``inner_lr`` is usually a meta-parameter, so gradients flow into it.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda lr, u: -lr * u, inner_lr, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class ScaleByStepLRState(NamedTuple):
+    count: jax.Array
+
+
+def scale_by_per_step_lr(inner_lr: PyTree) -> optax.GradientTransformation:
+    """``updates = -inner_lr[leaf][t] * updates`` at inner step ``t`` (MAML++ LSLR).
+
+    ``inner_lr`` has one vector of per-step learning rates per parameter tensor (layer). Past the
+    last trained step the last learning rate is reused, so evaluation may run more steps.
+    """
+
+    def init(params):
+        del params
+        return ScaleByStepLRState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+
+        def scale(lrs, u):
+            return -lrs[jnp.minimum(state.count, lrs.shape[0] - 1)] * u
+
+        return jax.tree.map(scale, inner_lr, updates), ScaleByStepLRState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# The MAML family: differentiate the query loss through the inner loop.
+
+
+def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> None:
+    if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
+        raise ValueError(f"num_inner_steps={num_inner_steps!r} must be an int >= 1.")
+    if not isinstance(outer_tx, optax.GradientTransformation):
+        raise TypeError(f"outer_tx must be an optax.GradientTransformation, got {outer_tx!r}.")
+    map_tasks(lambda x: x, task_map)  # validates task_map
+
+
+def _task_metrics(losses, metrics, inner_losses) -> dict:
+    out = {"loss": jnp.mean(losses), "inner_losses": jnp.mean(inner_losses, axis=0)}
+    out.update({f"query_{k}": jnp.mean(v) for k, v in metrics.items()})
+    return out
+
+
+def _maml_family(
+    loss_fn: LossFn,
+    *,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    init_meta: Callable[[PyTree], PyTree],
+    inner_parts: Callable[[PyTree], tuple[PyTree, optax.GradientTransformation]],
+    first_order: bool,
+    remat: bool,
+    task_map: str | int,
+) -> MetaAlgorithm:
+    _check_common(num_inner_steps, outer_tx, task_map)
+
+    def adapt(meta_params, support, key, num_steps=None):
+        params, inner_tx = inner_parts(meta_params)
+        fn = make_adapt_fn(
+            loss_fn, inner_tx, num_steps or num_inner_steps, first_order=first_order, remat=remat
+        )
+        return fn(params, support, key)
+
+    def meta_loss(meta_params, episodes, key):
+        num_tasks = check_episodes(episodes)
+
+        def one_task(episode, task_key):
+            inner_key, query_key = jax.random.split(task_key)
+            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
+            loss, metrics = loss_fn(adapted, episode.query, query_key)
+            return loss, metrics, inner_losses
+
+        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
+            episodes, task_keys(key, num_tasks)
+        )
+        metrics = _task_metrics(losses, metrics, inner_losses)
+        return metrics["loss"], metrics
+
+    def meta_grad(meta_params, episodes, key):
+        (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+            meta_params, episodes, key
+        )
+        return grads, metrics
+
+    return _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt)
+
+
+def maml(
+    loss_fn: LossFn,
+    *,
+    inner_tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    first_order: bool = False,
+    remat: bool = False,
+    task_map: str | int = "vmap",
+    adapt_mask: AdaptMask = None,
+) -> MetaAlgorithm:
+    """MAML (Finn et al. 2017): learn an initialisation that adapts well in a few inner steps.
+
+    The meta-gradient is exact second order through ``inner_tx`` (any optax transformation,
+    Adam included); ``first_order=True`` gives FOMAML. ``adapt_mask`` adapts only part of the
+    parameters (ANIL: ``adapt_mask=mf.path_filter("head")``). ``state.meta_params`` are the
+    model parameters.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> (scalar_loss, metrics_dict)``.
+      inner_tx: the inner-loop optimizer.
+      outer_tx: the outer (meta) optimizer.
+      num_inner_steps: inner updates per task during meta-training.
+      first_order: FOMAML.
+      remat: checkpoint each inner step (memory flat in ``num_inner_steps``).
+      task_map: ``"vmap"``, ``"scan"`` or an int chunk size: how tasks are mapped.
+      adapt_mask: bool pytree or ``params -> bool pytree``; ``None`` adapts everything.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> loss_fn = lambda p, b, k: (0.5 * jnp.mean((p - b) ** 2), {})
+    >>> alg = maml(loss_fn, inner_tx=optax.sgd(0.1), outer_tx=optax.sgd(0.1), num_inner_steps=1)
+    >>> state = alg.init(jnp.array(0.0))
+    >>> episodes = Episode(support=jnp.ones((4, 5)), query=jnp.ones((4, 5)))
+    >>> state, metrics = jax.jit(alg.step)(state, episodes, jax.random.key(0))
+    >>> int(state.step)
+    1
+    """
+    masked = adapt_only(inner_tx, adapt_mask)
+    return _maml_family(
+        loss_fn,
+        outer_tx=outer_tx,
+        num_inner_steps=num_inner_steps,
+        init_meta=lambda params: params,
+        inner_parts=lambda meta_params: (meta_params, masked),
+        first_order=first_order,
+        remat=remat,
+        task_map=task_map,
+    )
+
+
+def _learned_lr(
+    loss_fn,
+    lr_shape: Callable[[jax.Array], tuple[int, ...]],
+    make_tx: Callable[[PyTree], optax.GradientTransformation],
+    *,
+    outer_tx,
+    num_inner_steps,
+    init_lr,
+    inner_tx,
+    first_order,
+    remat,
+    task_map,
+    adapt_mask,
+) -> MetaAlgorithm:
+    if not math.isfinite(init_lr) or init_lr <= 0:
+        raise ValueError(f"init_lr={init_lr} must be a positive finite learning rate.")
+
+    def init_meta(params):
+        inner_lr = jax.tree.map(lambda p: jnp.full(lr_shape(p), init_lr, p.dtype), params)
+        return {"params": params, "inner_lr": inner_lr}
+
+    def inner_parts(meta_params):
+        tx = make_tx(meta_params["inner_lr"])
+        if inner_tx is not None:
+            tx = optax.chain(inner_tx, tx)
+        return meta_params["params"], adapt_only(tx, adapt_mask)
+
+    return _maml_family(
+        loss_fn,
+        outer_tx=outer_tx,
+        num_inner_steps=num_inner_steps,
+        init_meta=init_meta,
+        inner_parts=inner_parts,
+        first_order=first_order,
+        remat=remat,
+        task_map=task_map,
+    )
+
+
+def meta_sgd(
+    loss_fn: LossFn,
+    *,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    init_lr: float,
+    inner_tx: optax.GradientTransformation | None = None,
+    first_order: bool = False,
+    remat: bool = False,
+    task_map: str | int = "vmap",
+    adapt_mask: AdaptMask = None,
+) -> MetaAlgorithm:
+    """Meta-SGD (Li et al. 2017): MAML that also learns one inner learning rate per parameter.
+
+    ``state.meta_params`` is ``{"params": ..., "inner_lr": ...}`` with ``inner_lr`` shaped like
+    the params and initialised to ``init_lr``; the inner update is
+    ``params - inner_lr * g``. An optional ``inner_tx`` preprocesses the gradient first (e.g.
+    ``optax.clip_by_global_norm``). Other arguments as in :func:`maml`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> alg = meta_sgd(lambda p, b, k: (jnp.mean((p - b) ** 2), {}), outer_tx=optax.adam(1e-3),
+    ...                num_inner_steps=1, init_lr=0.01)
+    >>> alg.init(jnp.zeros(3)).meta_params["inner_lr"]
+    Array([0.01, 0.01, 0.01], dtype=float32)
+    """
+    return _learned_lr(
+        loss_fn,
+        lambda p: jnp.shape(p),
+        scale_by_learned_lr,
+        outer_tx=outer_tx,
+        num_inner_steps=num_inner_steps,
+        init_lr=init_lr,
+        inner_tx=inner_tx,
+        first_order=first_order,
+        remat=remat,
+        task_map=task_map,
+        adapt_mask=adapt_mask,
+    )
+
+
+def lslr(
+    loss_fn: LossFn,
+    *,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    init_lr: float,
+    inner_tx: optax.GradientTransformation | None = None,
+    first_order: bool = False,
+    remat: bool = False,
+    task_map: str | int = "vmap",
+    adapt_mask: AdaptMask = None,
+) -> MetaAlgorithm:
+    """MAML with learned per-layer, per-step inner learning rates (LSLR, MAML++; Antoniou 2019).
+
+    ``state.meta_params`` is ``{"params": ..., "inner_lr": ...}`` where ``inner_lr`` holds one
+    vector of ``num_inner_steps`` learning rates per parameter tensor. Arguments as in
+    :func:`meta_sgd`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> alg = lslr(lambda p, b, k: (jnp.mean((p - b) ** 2), {}), outer_tx=optax.adam(1e-3),
+    ...            num_inner_steps=3, init_lr=0.01)
+    >>> alg.init({"w": jnp.zeros((4, 4))}).meta_params["inner_lr"]["w"].shape
+    (3,)
+    """
+    return _learned_lr(
+        loss_fn,
+        lambda p: (num_inner_steps,),
+        scale_by_per_step_lr,
+        outer_tx=outer_tx,
+        num_inner_steps=num_inner_steps,
+        init_lr=init_lr,
+        inner_tx=inner_tx,
+        first_order=first_order,
+        remat=remat,
+        task_map=task_map,
+        adapt_mask=adapt_mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reptile: move the initialisation towards the adapted parameters.
+
+
+def reptile(
+    loss_fn: LossFn,
+    *,
+    inner_tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    task_map: str | int = "vmap",
+    adapt_mask: AdaptMask = None,
+) -> MetaAlgorithm:
+    """Reptile (Nichol et al. 2018): no second derivatives, only inner loops on the support set.
+
+    The outer pseudo-gradient ``meta_params - mean_i(adapted_params_i)`` goes through
+    ``outer_tx``, so the paper's update ``theta += eps * sum_i (theta_i' - theta)`` over ``n``
+    tasks is ``outer_tx=optax.sgd(eps * n)``. ``meta_loss`` reports the query loss after
+    adaptation (for evaluation; its gradient is FOMAML's, not Reptile's update).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> loss_fn = lambda p, b, k: (0.5 * jnp.mean((p - b) ** 2), {})
+    >>> alg = reptile(loss_fn, inner_tx=optax.sgd(0.5), outer_tx=optax.sgd(1.0), num_inner_steps=1)
+    >>> episodes = Episode(support=jnp.full((2, 3), 2.0), query=jnp.full((2, 3), 2.0))
+    >>> state, _ = alg.step(alg.init(jnp.array(0.0)), episodes, jax.random.key(0))
+    >>> float(state.meta_params)
+    1.0
+    """
+    _check_common(num_inner_steps, outer_tx, task_map)
+    masked = adapt_only(inner_tx, adapt_mask)
+
+    def adapt(meta_params, support, key, num_steps=None):
+        fn = make_adapt_fn(loss_fn, masked, num_steps or num_inner_steps, first_order=True)
+        return fn(meta_params, support, key)
+
+    def adapt_tasks(meta_params, episodes, key):
+        num_tasks = check_episodes(episodes)
+
+        def one_task(episode, task_key):
+            inner_key, query_key = jax.random.split(task_key)
+            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
+            loss, metrics = loss_fn(adapted, episode.query, query_key)
+            return adapted, loss, metrics, inner_losses
+
+        adapted, losses, metrics, inner_losses = map_tasks(one_task, task_map)(
+            episodes, task_keys(key, num_tasks)
+        )
+        return adapted, _task_metrics(losses, metrics, inner_losses)
+
+    def meta_loss(meta_params, episodes, key):
+        _, metrics = adapt_tasks(meta_params, episodes, key)
+        return metrics["loss"], metrics
+
+    def meta_grad(meta_params, episodes, key):
+        adapted, metrics = adapt_tasks(meta_params, episodes, key)  # adapted: [tasks, ...]
+        pseudo_grad = jax.tree.map(lambda p, a: p - jnp.mean(a, axis=0), meta_params, adapted)
+        return pseudo_grad, metrics
+
+    return _assemble(lambda params: params, outer_tx, meta_loss, meta_grad, adapt)
+
+
+def check_finite(metrics: dict) -> None:
+    """Raises ``FloatingPointError`` if a ``step`` skipped its update for a NaN/Inf loss.
+
+    ``step`` never applies a non-finite update (the state is returned unchanged), so the last
+    good meta-parameters are kept; call this on the host after each step (or chunk of steps).
+    """
+    finite = np.asarray(metrics["finite"]).ravel()
+    if not finite.all():
+        i = int(np.argmin(finite))
+        bad = int(np.asarray(metrics["step"]).ravel()[i])
+        loss = float(np.asarray(metrics["loss"]).ravel()[i])
+        raise FloatingPointError(
+            f"non-finite meta-loss or meta-gradient at step {bad} (loss={loss}); the update was "
+            "skipped and the state before it is kept. If the loss is finite, a common cause is "
+            "differentiating through optax.adam: pass eps_root=1e-8 so sqrt(v) has a finite "
+            "derivative at v=0. Otherwise lower the inner/outer learning rates or clip the inner "
+            "gradients (optax.clip_by_global_norm)."
+        )

@@ -1,0 +1,32 @@
+"""The edge between flax.nnx modules and metaflax's pure functions of pytrees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+
+def functionalize(module: nnx.Module) -> tuple[Callable[..., Any], dict]:
+    """Splits an nnx module once into ``apply_fn(params, *args, **kwargs)`` and its params.
+
+    ``params`` is a plain nested dict of arrays (the module's ``nnx.Param`` leaves), so it
+    works with optax, orbax and every jax transform; non-parameter state (e.g. RNG counters)
+    is frozen into ``apply_fn``. This is the only place metaflax touches flax.nnx: the rest of
+    the library sees pytrees.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> apply_fn, params = functionalize(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> sorted(params), apply_fn(params, jnp.ones((5, 3))).shape
+    (['bias', 'kernel'], (5, 2))
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"functionalize expects a flax.nnx.Module, got {type(module).__name__}.")
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def apply_fn(params: dict, *args, **kwargs):
+        return nnx.merge(graphdef, nnx.State(params), rest)(*args, **kwargs)
+
+    return apply_fn, nnx.to_pure_dict(params)

@@ -1,0 +1,47 @@
+"""Small models and data shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import metaflax as mf
+from metaflax.models import MLP
+from metaflax.tasks import mse_loss_fn, sample_sinusoid
+
+
+def sinusoid_setup(hidden=(8, 8), tasks=3, shots=5, seed=0, dtype=jnp.float32):
+    """An MLP regressor, its loss and a sinusoid meta-batch (optionally in float64)."""
+    apply_fn, params = mf.functionalize(MLP([1, *hidden, 1], rngs=nnx.Rngs(seed)))
+    episodes, _ = sample_sinusoid(jax.random.key(seed + 1), tasks, shots, shots)
+    cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731
+    return mse_loss_fn(apply_fn), cast(params), cast(episodes)
+
+
+def tree_allclose(a, b, rtol=1e-6, atol=1e-6):
+    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.allclose(x, y, rtol, atol), a, b))
+    return all(bool(x) for x in leaves) and jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def make_algorithm(name, loss_fn, num_inner_steps=2):
+    """Every algorithm of the kernel, configured alike (ANIL: adapt the last layer only)."""
+    import optax
+
+    outer = optax.adam(1e-2)
+    kw = dict(outer_tx=outer, num_inner_steps=num_inner_steps)
+    inner = optax.sgd(0.05)
+    if name == "maml":
+        return mf.maml(loss_fn, inner_tx=inner, **kw)
+    if name == "fomaml":
+        return mf.maml(loss_fn, inner_tx=inner, first_order=True, **kw)
+    if name == "anil":
+        return mf.maml(loss_fn, inner_tx=inner, adapt_mask=mf.path_filter(r"\[2\]"), **kw)
+    if name == "reptile":
+        return mf.reptile(loss_fn, inner_tx=inner, **kw)
+    if name == "meta_sgd":
+        return mf.meta_sgd(loss_fn, init_lr=0.05, **kw)
+    if name == "lslr":
+        return mf.lslr(loss_fn, init_lr=0.05, **kw)
+    raise ValueError(name)
+
+
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "lslr")

@@ -1,0 +1,157 @@
+"""Reptile, Meta-SGD, LSLR, ANIL against hand-computed oracles; errors at the boundary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import sinusoid_setup, tree_allclose
+
+import metaflax as mf
+
+
+def test_reptile_matches_the_seed_formula():
+    # theta <- theta + eps * sum_i (theta_i' - theta), theta_i' = k SGD steps on task i's support.
+    loss_fn, params, episodes = sinusoid_setup(tasks=4)
+    eps, lr, k, n = 0.1, 0.05, 3, 4
+    alg = mf.reptile(
+        loss_fn, inner_tx=optax.sgd(lr), outer_tx=optax.sgd(eps * n), num_inner_steps=k
+    )
+    state, _ = alg.step(alg.init(params), episodes, jax.random.key(0))
+    total = jax.tree.map(jnp.zeros_like, params)
+    for i in range(n):
+        support = jax.tree.map(lambda x: x[i], episodes.support)  # noqa: B023
+        theta = params
+        for _ in range(k):
+            g = jax.grad(lambda p: loss_fn(p, support, None)[0])(theta)  # noqa: B023
+            theta = jax.tree.map(lambda a, b: a - lr * b, theta, g)
+        total = jax.tree.map(lambda t, a, b: t + (a - b), total, theta, params)
+    expected = jax.tree.map(lambda p, t: p + eps * t, params, total)
+    assert tree_allclose(state.meta_params, expected, rtol=1e-5, atol=1e-7)
+
+
+def _frozen_lr_outer(tx):
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda mp: {
+            "params": jax.tree.map(lambda _: "train", mp["params"]),
+            "inner_lr": jax.tree.map(lambda _: "frozen", mp["inner_lr"]),
+        },
+    )
+
+
+def test_meta_sgd_with_frozen_lrs_equals_maml():
+    loss_fn, params, episodes = sinusoid_setup()
+    lr = 0.05
+    ref = mf.maml(loss_fn, inner_tx=optax.sgd(lr), outer_tx=optax.adam(1e-2), num_inner_steps=2)
+    msgd = mf.meta_sgd(
+        loss_fn, outer_tx=_frozen_lr_outer(optax.adam(1e-2)), num_inner_steps=2, init_lr=lr
+    )
+    s_ref, s_msgd = ref.init(params), msgd.init(params)
+    for i in range(3):
+        s_ref, m_ref = jax.jit(ref.step)(s_ref, episodes, jax.random.key(i))
+        s_msgd, m_msgd = jax.jit(msgd.step)(s_msgd, episodes, jax.random.key(i))
+        np.testing.assert_allclose(m_ref["loss"], m_msgd["loss"], rtol=1e-5)
+    assert tree_allclose(s_ref.meta_params, s_msgd.meta_params["params"], rtol=1e-5, atol=1e-6)
+    assert all(bool(jnp.all(x == lr)) for x in jax.tree.leaves(s_msgd.meta_params["inner_lr"]))
+
+
+def test_meta_sgd_learns_per_element_learning_rates():
+    loss_fn, params, episodes = sinusoid_setup()
+    alg = mf.meta_sgd(loss_fn, outer_tx=optax.sgd(1e-3), num_inner_steps=1, init_lr=0.05)
+    g = jax.grad(lambda m: alg.meta_loss(m, episodes, jax.random.key(0))[0])(
+        alg.init(params).meta_params
+    )["inner_lr"]
+    kernel = g["layers"][1]["kernel"]
+    assert kernel.shape == params["layers"][1]["kernel"].shape
+    assert len(np.unique(np.asarray(kernel))) > kernel.size // 2  # element-wise, not shared
+
+
+def test_lslr_gradients_reach_every_per_step_lr():
+    loss_fn, params, episodes = sinusoid_setup()
+    alg = mf.lslr(loss_fn, outer_tx=optax.adam(1e-3), num_inner_steps=3, init_lr=0.05)
+    meta = alg.init(params).meta_params
+    g = jax.grad(lambda m: alg.meta_loss(m, episodes, jax.random.key(0))[0])(meta)["inner_lr"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(g):
+        assert leaf.shape == (3,), path
+        assert bool(jnp.all(jnp.abs(leaf) > 0)), f"zero LR gradient at {path}: {leaf}"
+
+
+def test_lslr_step_lrs_are_used_in_order():
+    # With lrs (a, b) on L = 1/2 (p - c)^2: p1 = p - a (p - c); p2 = p1 - b (p1 - c).
+    loss = lambda p, c, k: (0.5 * jnp.sum((p["w"] - c) ** 2), {})  # noqa: E731
+    alg = mf.lslr(loss, outer_tx=optax.sgd(1.0), num_inner_steps=2, init_lr=0.1)
+    meta = alg.init({"w": jnp.array(1.0)}).meta_params
+    meta["inner_lr"]["w"] = jnp.array([0.5, 0.25])
+    adapted, _ = alg.adapt(meta, jnp.array(3.0), jax.random.key(0))
+    p1 = 1.0 - 0.5 * (1.0 - 3.0)
+    np.testing.assert_allclose(adapted["w"], p1 - 0.25 * (p1 - 3.0), rtol=1e-6)
+    # evaluation past the trained steps reuses the last learning rate
+    adapted3, _ = alg.adapt(meta, jnp.array(3.0), jax.random.key(0), num_steps=3)
+    np.testing.assert_allclose(adapted3["w"], adapted["w"] - 0.25 * (adapted["w"] - 3.0), rtol=1e-6)
+
+
+def test_anil_adapts_only_the_masked_params():
+    loss_fn, params, episodes = sinusoid_setup()
+    head = mf.path_filter(r"\[2\]")  # the output layer of the MLP
+    alg = mf.maml(
+        loss_fn,
+        inner_tx=optax.adam(0.1),
+        outer_tx=optax.sgd(1.0),
+        num_inner_steps=2,
+        adapt_mask=head,
+    )
+    support = jax.tree.map(lambda x: x[0], episodes.support)
+    adapted, _ = alg.adapt(params, support, jax.random.key(0))
+    for i in (0, 1):
+        assert tree_allclose(adapted["layers"][i], params["layers"][i], rtol=0, atol=0)
+    assert not tree_allclose(adapted["layers"][2], params["layers"][2])
+    # the meta-gradient still reaches the body (through the adapted head's dependence on it)
+    g = jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0])(params)
+    assert optax.tree.norm(g["layers"][0]) > 0
+
+
+def test_nan_loss_is_detected_and_state_kept():
+    loss_fn, params, episodes = sinusoid_setup()
+    alg = mf.maml(loss_fn, inner_tx=optax.sgd(0.01), outer_tx=optax.adam(1e-2), num_inner_steps=1)
+    state = alg.init(params)
+    state, metrics = alg.step(state, episodes, jax.random.key(0))
+    mf.check_finite(metrics)
+    nan_y = episodes.query["y"].at[0, 0].set(jnp.nan)
+    bad = episodes._replace(query={**episodes.query, "y": nan_y})
+    new_state, metrics = alg.step(state, bad, jax.random.key(1))
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        mf.check_finite(metrics)
+    assert tree_allclose(new_state, state, rtol=0, atol=0)
+
+
+def test_errors_name_the_fix():
+    loss_fn, params, episodes = sinusoid_setup()
+    kw = dict(inner_tx=optax.sgd(0.1), outer_tx=optax.sgd(0.1))
+    with pytest.raises(ValueError, match="num_inner_steps=0 must be"):
+        mf.maml(loss_fn, num_inner_steps=0, **kw)
+    with pytest.raises(ValueError, match="num_steps=0 must be >= 1"):
+        mf.make_adapt_fn(loss_fn, optax.sgd(0.1), 0)
+    with pytest.raises(ValueError, match="task_map='pmap'"):
+        mf.maml(loss_fn, num_inner_steps=1, task_map="pmap", **kw)
+    with pytest.raises(ValueError, match="init_lr"):
+        mf.meta_sgd(loss_fn, outer_tx=optax.sgd(0.1), num_inner_steps=1, init_lr=-1.0)
+    alg = mf.maml(loss_fn, num_inner_steps=1, **kw)
+    key = jax.random.key(0)
+    state = alg.init(params)
+    with pytest.raises(ValueError, match="same pytree structure"):
+        alg.step(state, mf.Episode(episodes.support, {"x": episodes.query["x"]}), key)
+    single = jax.tree.map(lambda x: x[0, :3], episodes)  # no task axis: leading dims 3 vs 3
+    single = single._replace(query=jax.tree.map(lambda x: x[:2], single.query))
+    with pytest.raises(ValueError, match="leading \\[tasks\\] axis"):
+        alg.step(state, single, key)
+    bad_loss = lambda p, b, k: (jnp.square(b["y"]).ravel(), {})  # noqa: E731
+    alg = mf.maml(bad_loss, num_inner_steps=1, **kw)
+    with pytest.raises(ValueError, match="scalar loss, got shape \\(5,\\)"):
+        alg.step(alg.init(params), episodes, key)
+    alg = mf.maml(lambda p, b, k: jnp.sum(b["y"]), num_inner_steps=1, **kw)
+    with pytest.raises(TypeError, match="must return \\(scalar_loss, metrics_dict\\)"):
+        alg.step(alg.init(params), episodes, key)
+    alg = mf.maml(loss_fn, num_inner_steps=1, adapt_mask={"wrong": True}, **kw)
+    with pytest.raises(ValueError, match="adapt_mask must be a pytree"):
+        alg.step(alg.init(params), episodes, key)
