@@ -175,7 +175,12 @@ def _plot(results, fits, config, path):
     import matplotlib.pyplot as plt
 
     names = list(results["algorithms"])
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4 * (1 + len(names)), 3.6))
+    cols = 3
+    rows = -(-(1 + len(names)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[1 + len(names) :]:
+        ax.axis("off")
     steps_set = sorted(set(config.eval.inner_steps) | set(config.eval.curve_steps))
     k = config.eval.shots[len(config.eval.shots) // 2]
     for name in names:
@@ -184,7 +189,7 @@ def _plot(results, fits, config, path):
         axes[0].plot(steps_set, means, marker="o", label=name)
     axes[0].set(xlabel="inner steps at test", ylabel=f"{k}-shot query MSE", yscale="log")
     axes[0].legend()
-    for ax, name in zip(axes[1:], names, strict=True):
+    for ax, name in zip(axes[1 : 1 + len(names)], names, strict=True):
         fit = fits[name]
         amp, phase = fit["task"]["amplitude"][0], fit["task"]["phase"][0]
         ax.plot(fit["x"], amp * np.sin(fit["x"] - phase), "k", label="true")

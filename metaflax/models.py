@@ -157,7 +157,8 @@ class TextClassifier(nnx.Module):
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         # tokens, mask: [batch, seq]
-        x = self.embed(tokens) + self.pos[None, : tokens.shape[1]]
+        # A plain gather in the parameters' dtype (nnx.Embed's call casts to float32).
+        x = jnp.take(self.embed.embedding[...], tokens, axis=0) + self.pos[None, : tokens.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
         x = self.ln(x)

@@ -6,17 +6,15 @@ usage: python tests/distributed_worker.py PROCESS_ID PORT ALGORITHM OUT.npz
 import sys
 
 import jax
+import numpy as np
+from helpers import make_algorithm, sinusoid_setup
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.config.update("jax_num_cpu_devices", 2)  # 2 processes x 2 devices = a 4-device mesh
-
-import numpy as np  # noqa: E402
-from helpers import make_algorithm, sinusoid_setup  # noqa: E402
-
-from metaflax import sharding  # noqa: E402
+from metaflax import sharding
 
 
 def main():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_num_cpu_devices", 2)  # 2 processes x 2 devices = a 4-device mesh
     process_id, port, algorithm, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
     loss_fn, params, episodes = sinusoid_setup(tasks=8)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 import metaflax as mf
@@ -24,23 +25,22 @@ def tree_allclose(a, b, rtol=1e-6, atol=1e-6):
 
 def make_algorithm(name, loss_fn, num_inner_steps=2):
     """Every algorithm of the kernel, configured alike (ANIL: adapt the last layer only)."""
-    import optax
-
+    kw = dict(num_inner_steps=num_inner_steps)
     outer = optax.adam(1e-2)
-    kw = dict(outer_tx=outer, num_inner_steps=num_inner_steps)
     inner = optax.sgd(0.05)
     if name == "maml":
-        return mf.maml(loss_fn, inner_tx=inner, **kw)
+        return mf.maml(loss_fn, inner_tx=inner, outer_tx=outer, **kw)
     if name == "fomaml":
-        return mf.maml(loss_fn, inner_tx=inner, first_order=True, **kw)
+        return mf.maml(loss_fn, inner_tx=inner, outer_tx=outer, first_order=True, **kw)
     if name == "anil":
-        return mf.maml(loss_fn, inner_tx=inner, adapt_mask=mf.path_filter(r"\[2\]"), **kw)
-    if name == "reptile":
-        return mf.reptile(loss_fn, inner_tx=inner, **kw)
+        mask = mf.path_filter(r"\[2\]")
+        return mf.maml(loss_fn, inner_tx=inner, outer_tx=outer, adapt_mask=mask, **kw)
+    if name == "reptile":  # the paper's outer SGD: Adam would amplify float32 rounding noise
+        return mf.reptile(loss_fn, inner_tx=inner, outer_tx=optax.sgd(1.0), **kw)
     if name == "meta_sgd":
-        return mf.meta_sgd(loss_fn, init_lr=0.05, **kw)
+        return mf.meta_sgd(loss_fn, outer_tx=outer, init_lr=0.05, **kw)
     if name == "lslr":
-        return mf.lslr(loss_fn, init_lr=0.05, **kw)
+        return mf.lslr(loss_fn, outer_tx=outer, init_lr=0.05, **kw)
     raise ValueError(name)
 
 

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import optax
 import pytest
