@@ -37,7 +37,9 @@ def measure(workload, name, devices, meta_batch, min_seconds):
     alg = make_algorithm(name, w, 1)
     mesh = sharding.make_mesh(tasks=devices)
     learner = sharding.shard(alg, mesh, w.params)
-    state, episodes = learner.init(w.params), learner.shard_episodes(episodes)
+    # Each process builds only its share of the tasks (all of them on a single host).
+    local = jax.tree.map(lambda x: x[sharding.local_task_slice(meta_batch)], episodes)
+    state, episodes = learner.init(w.params), sharding.global_batch(local, mesh)
     key = jax.random.key(0)
     t0 = time.perf_counter()
     state, metrics = learner.step(state, episodes, key)
@@ -88,6 +90,7 @@ def plot(rows, path):
 
 
 def main():
+    sharding.initialize_distributed()  # multi-host when METAFLAX_DISTRIBUTED=1 (run_tpu.sh)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default="sinusoid,encoder")
     p.add_argument("--meta-batches", default="8,32")
@@ -95,7 +98,9 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    counts = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= jax.device_count()]
+    counts = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d <= jax.device_count()]
+    if jax.process_count() > 1:  # sub-meshes would leave hosts out: use every device
+        counts = [jax.device_count()]
     rows = []
     for workload in args.workloads.split(","):
         for name in ("maml", "reptile"):
@@ -103,11 +108,12 @@ def main():
                 for d in (d for d in counts if mb % d == 0):
                     r = measure(workload, name, d, mb, args.min_seconds)
                     rows.append(r)
-                    print(
-                        f"{workload:9s} {name:8s} batch {mb:3d} devices {d:2d} "
-                        f"{r['tasks_per_s']:10.1f} tasks/s",
-                        flush=True,
-                    )
+                    if sharding.is_main_process():
+                        print(
+                            f"{workload:9s} {name:8s} batch {mb:3d} devices {d:2d} "
+                            f"{r['tasks_per_s']:10.1f} tasks/s",
+                            flush=True,
+                        )
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "platform": jax.devices()[0].platform,
@@ -116,6 +122,8 @@ def main():
         "jax": jax.__version__,
         "rows": rows,
     }
+    if not sharding.is_main_process():
+        return
     with open(os.path.join(args.out, "scaling.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "scaling.png"))

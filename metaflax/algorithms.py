@@ -62,7 +62,8 @@ def _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt) -> MetaAlgorithm
     """Builds the MetaAlgorithm shared by every factory around its own meta_grad."""
 
     def init(params):
-        meta_params = init_meta(params)
+        # Copy, so donating the state to a jitted step never deletes the caller's params.
+        meta_params = init_meta(jax.tree.map(jnp.array, params))
         return MetaState(meta_params, outer_tx.init(meta_params), jnp.zeros((), jnp.int32))
 
     def outer_update(state, grads, metrics):

@@ -44,6 +44,20 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A 3x3 'SAME' convolution (NHWC, HWIO kernel) as nine shifted slices and one matmul.
+
+    Numerically a ``lax.conv_general_dilated``, but built from slices and a dot: on XLA:CPU the
+    meta-gradient of a vmapped or scanned Conv4 MAML step is ~16x faster this way (per-task
+    weights make XLA emit grouped or in-loop convolutions, whose backward passes are slow), and
+    every piece has a cheap second derivative. See benchmarks/README.md.
+    """
+    _, h, w, c = x.shape  # x: [batch, h, w, in]; kernel: [3, 3, in, out]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
+    return cols @ kernel.reshape(9 * c, -1) + bias.reshape(1, 1, 1, -1)
+
+
 class BatchStatNorm(nnx.Module):
     """Per-channel normalisation with the current batch's statistics and a learned affine.
 
@@ -66,6 +80,9 @@ class BatchStatNorm(nnx.Module):
 
 class Conv4(nnx.Module):
     """The 4-block conv net of the MAML paper: [conv3x3(64), batch norm, ReLU, max-pool] x 4.
+
+    Parameters are those of ``nnx.Conv`` (HWIO kernels); the forward pass uses
+    :func:`conv3x3` and :func:`max_pool_2x2`, the formulations that differentiate fastest.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -97,7 +114,8 @@ class Conv4(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [batch, h, w, c]
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            x = max_pool_2x2(jax.nn.relu(norm(conv(x))))
+            x = conv3x3(x, conv.kernel[...], conv.bias[...])
+            x = max_pool_2x2(jax.nn.relu(norm(x)))
         return self.head(x.reshape(x.shape[0], -1))
 
 

@@ -155,3 +155,15 @@ def test_errors_name_the_fix():
     alg = mf.maml(loss_fn, num_inner_steps=1, adapt_mask={"wrong": True}, **kw)
     with pytest.raises(ValueError, match="adapt_mask must be a pytree"):
         alg.step(alg.init(params), episodes, key)
+
+
+def test_donating_the_state_keeps_the_callers_params():
+    loss_fn, params, episodes = sinusoid_setup()
+    for alg in (
+        mf.maml(loss_fn, inner_tx=optax.sgd(0.1), outer_tx=optax.sgd(0.1), num_inner_steps=1),
+        mf.reptile(loss_fn, inner_tx=optax.sgd(0.1), outer_tx=optax.sgd(0.1), num_inner_steps=1),
+    ):
+        step = jax.jit(alg.step, donate_argnums=0)
+        state, _ = step(alg.init(params), episodes, jax.random.key(0))
+        state, _ = step(state, episodes, jax.random.key(1))
+        assert all(not x.is_deleted() for x in jax.tree.leaves(params))

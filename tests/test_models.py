@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import metaflax as mf
-from metaflax.models import MLP, Conv4, TextClassifier, max_pool_2x2
+from metaflax.models import MLP, Conv4, TextClassifier, conv3x3, max_pool_2x2
 
 
 def test_functionalize_matches_the_module():
@@ -18,6 +18,21 @@ def test_functionalize_matches_the_module():
     x = jax.random.normal(jax.random.key(0), (4, 3))
     np.testing.assert_array_equal(apply_fn(params, x), model(x))
     assert isinstance(params, dict) and set(params["layers"][0]) == {"bias", "kernel"}
+
+
+def test_conv3x3_equals_lax_conv():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    bias = jnp.arange(4.0)
+    ref = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = ref + bias.reshape(1, 1, 1, 4)
+    np.testing.assert_allclose(conv3x3(x, kernel, bias), expected, rtol=1e-5, atol=1e-5)
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))  # Conv4's parameters are nnx.Conv's
+    np.testing.assert_allclose(
+        conv3x3(x, conv.kernel[...], conv.bias[...]), conv(x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_max_pool_reshape_equals_reduce_window():
