@@ -5,6 +5,7 @@
 ['lslr', 'maml', 'meta_sgd', 'reptile']
 """
 
+from metaflax import bert, heads, seq2seq, sharding
 from metaflax.algorithms import (
     MetaAlgorithm,
     MetaState,
@@ -29,9 +30,11 @@ __all__ = [
     "MetaAlgorithm",
     "MetaState",
     "adapt_only",
+    "bert",
     "check_episodes",
     "check_finite",
     "functionalize",
+    "heads",
     "lslr",
     "make_adapt_fn",
     "maml",
@@ -42,4 +45,6 @@ __all__ = [
     "reptile",
     "scale_by_learned_lr",
     "scale_by_per_step_lr",
+    "seq2seq",
+    "sharding",
 ]

@@ -212,13 +212,19 @@ def _maml_family(
     first_order: bool,
     remat: bool,
     task_map: str | int,
+    task_init: Callable | None,
 ) -> MetaAlgorithm:
     _check_common(num_inner_steps, outer_tx, task_map)
 
     def adapt(meta_params, support, key, num_steps=None):
         params, inner_tx = inner_parts(meta_params)
         fn = make_adapt_fn(
-            loss_fn, inner_tx, num_steps or num_inner_steps, first_order=first_order, remat=remat
+            loss_fn,
+            inner_tx,
+            num_steps or num_inner_steps,
+            first_order=first_order,
+            remat=remat,
+            task_init=task_init,
         )
         return fn(params, support, key)
 
@@ -256,6 +262,7 @@ def maml(
     remat: bool = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
+    task_init: Callable | None = None,
 ) -> MetaAlgorithm:
     """MAML (Finn et al. 2017): learn an initialisation that adapts well in a few inner steps.
 
@@ -273,6 +280,8 @@ def maml(
       remat: checkpoint each inner step (memory flat in ``num_inner_steps``).
       task_map: ``"vmap"``, ``"scan"`` or an int chunk size: how tasks are mapped.
       adapt_mask: bool pytree or ``params -> bool pytree``; ``None`` adapts everything.
+      task_init: ``task_init(params, support) -> params`` before the inner loop (e.g.
+        Proto-MAML head initialisation); differentiated through like the rest.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> loss_fn = lambda p, b, k: (0.5 * jnp.mean((p - b) ** 2), {})
@@ -293,6 +302,7 @@ def maml(
         first_order=first_order,
         remat=remat,
         task_map=task_map,
+        task_init=task_init,
     )
 
 
@@ -309,6 +319,7 @@ def _learned_lr(
     remat,
     task_map,
     adapt_mask,
+    task_init,
 ) -> MetaAlgorithm:
     if not math.isfinite(init_lr) or init_lr <= 0:
         raise ValueError(f"init_lr={init_lr} must be a positive finite learning rate.")
@@ -332,6 +343,7 @@ def _learned_lr(
         first_order=first_order,
         remat=remat,
         task_map=task_map,
+        task_init=task_init,
     )
 
 
@@ -346,6 +358,7 @@ def meta_sgd(
     remat: bool = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
+    task_init: Callable | None = None,
 ) -> MetaAlgorithm:
     """Meta-SGD (Li et al. 2017): MAML that also learns one inner learning rate per parameter.
 
@@ -372,6 +385,7 @@ def meta_sgd(
         remat=remat,
         task_map=task_map,
         adapt_mask=adapt_mask,
+        task_init=task_init,
     )
 
 
@@ -386,6 +400,7 @@ def lslr(
     remat: bool = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
+    task_init: Callable | None = None,
 ) -> MetaAlgorithm:
     """MAML with learned per-layer, per-step inner learning rates (LSLR, MAML++; Antoniou 2019).
 
@@ -411,6 +426,7 @@ def lslr(
         remat=remat,
         task_map=task_map,
         adapt_mask=adapt_mask,
+        task_init=task_init,
     )
 
 
@@ -426,6 +442,7 @@ def reptile(
     num_inner_steps: int,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
+    task_init: Callable | None = None,
 ) -> MetaAlgorithm:
     """Reptile (Nichol et al. 2018): no second derivatives, only inner loops on the support set.
 
@@ -446,7 +463,9 @@ def reptile(
     masked = adapt_only(inner_tx, adapt_mask)
 
     def adapt(meta_params, support, key, num_steps=None):
-        fn = make_adapt_fn(loss_fn, masked, num_steps or num_inner_steps, first_order=True)
+        fn = make_adapt_fn(
+            loss_fn, masked, num_steps or num_inner_steps, first_order=True, task_init=task_init
+        )
         return fn(meta_params, support, key)
 
     def adapt_tasks(meta_params, episodes, key):

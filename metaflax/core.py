@@ -58,6 +58,7 @@ def make_adapt_fn(
     *,
     first_order: bool = False,
     remat: bool = False,
+    task_init: Callable[[PyTree, PyTree], PyTree] | None = None,
 ) -> AdaptFn:
     """Builds the inner loop: ``num_steps`` updates of ``inner_tx`` on the support loss.
 
@@ -73,6 +74,9 @@ def make_adapt_fn(
       num_steps: number of inner updates, >= 1.
       first_order: stop gradients through the inner updates.
       remat: checkpoint each inner step (``jax.checkpoint`` inside the scan).
+      task_init: optional ``task_init(params, support) -> params`` applied before the first
+        inner step, differentiably: e.g. a classification head set from the support set's
+        class prototypes (Proto-MAML) or zeroed per task (see :mod:`metaflax.heads`).
 
     Returns:
       ``adapt(params, support, key) -> (adapted_params, inner_losses)`` where ``inner_losses``
@@ -101,6 +105,8 @@ def make_adapt_fn(
 
         if remat:
             inner_step = jax.checkpoint(inner_step)
+        if task_init is not None:
+            params = task_init(params, support)
         carry = (params, inner_tx.init(params))
         (adapted, _), inner_losses = jax.lax.scan(
             inner_step, carry, jax.random.split(key, num_steps)

@@ -1,0 +1,160 @@
+"""Task heads on top of an encoder, and their ``loss_fn``s for the NLP task families.
+
+Params are ``{"encoder": <encoder params>, "head": {...}}``; ``encode_fn(encoder_params,
+tokens, mask) -> (sequence_output [b, t, h], pooled [b, h])`` is the functionalized encoder
+(e.g. :class:`metaflax.bert.BertEncoder`).
+
+Episodic classification permutes labels per episode, so a meta-learned head cannot mean anything
+per class. Two standard fixes, as ``task_init`` for the algorithms:
+
+- ``head_init="zero"``: the head is set to zero at the start of every task (Kao et al. 2022);
+- ``head_init="proto"``: the head is set from the support set's class prototypes, ``W_c = 2 mu_c``,
+  ``b_c = -|mu_c|^2`` (Proto-MAML, Triantafillou et al. 2020), differentiably.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+EncodeFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+HEAD_INITS = ("learned", "zero", "proto")
+
+
+def init_classifier(key: jax.Array, encoder_params: PyTree, hidden: int, ways: int) -> dict:
+    """``{"encoder": ..., "head": {"kernel": [hidden, ways], "bias": [ways]}}``, head zeroed."""
+    del key
+    return {
+        "encoder": encoder_params,
+        "head": {"kernel": jnp.zeros((hidden, ways)), "bias": jnp.zeros((ways,))},
+    }
+
+
+def _cross_entropy(logits, labels, weights):
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def classification_loss_fn(encode_fn: EncodeFn) -> Callable:
+    """``loss_fn`` for batches ``{"tokens", "mask", "label"}`` (optional ``"weight"`` per row).
+
+    Logits are ``pooled @ head.kernel + head.bias``; reports accuracy.
+    """
+
+    def loss_fn(params, batch, key):
+        del key
+        _, pooled = encode_fn(params["encoder"], batch["tokens"], batch["mask"])
+        logits = pooled @ params["head"]["kernel"] + params["head"]["bias"][None]
+        weights = batch.get("weight", jnp.ones(logits.shape[:1], logits.dtype))
+        loss = _cross_entropy(logits, batch["label"], weights)
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(logits.dtype)
+        accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return loss, {"accuracy": accuracy}
+
+    return loss_fn
+
+
+def classifier_task_init(encode_fn: EncodeFn, head_init: str, ways: int) -> Callable | None:
+    """The ``task_init`` for ``head_init`` in ``("learned", "zero", "proto")``."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init={head_init!r} is not valid; use one of {HEAD_INITS}.")
+    if head_init == "learned":
+        return None
+
+    def task_init(params, support):
+        head = params["head"]
+        if head_init == "zero":
+            head = jax.tree.map(jnp.zeros_like, head)
+        else:
+            _, pooled = encode_fn(params["encoder"], support["tokens"], support["mask"])
+            onehot = jax.nn.one_hot(support["label"], ways, dtype=pooled.dtype)  # [n, ways]
+            protos = (onehot.T @ pooled) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+            head = {"kernel": 2.0 * protos.T, "bias": -jnp.sum(protos**2, -1)}
+        return {**params, "head": head}
+
+    return task_init
+
+
+# ----------------------------------------------------------------------------------------------
+# Extractive QA: a start/end span head.
+
+
+def init_span_head(encoder_params: PyTree, hidden: int) -> dict:
+    return {
+        "encoder": encoder_params,
+        "span": {"kernel": jnp.zeros((hidden, 2)), "bias": jnp.zeros(2)},
+    }
+
+
+def span_logits(encode_fn: EncodeFn, params, tokens, mask):
+    """Start and end logits ``[b, t]`` each; positions outside ``mask`` get a very low score."""
+    seq, _ = encode_fn(params["encoder"], tokens, mask)
+    logits = seq @ params["span"]["kernel"] + params["span"]["bias"][None, None]
+    logits = jnp.where(mask[..., None], logits, -1e9)
+    return logits[..., 0], logits[..., 1]
+
+
+def best_spans(start_logits, end_logits, max_answer_len: int = 30):
+    """The argmax span with ``start <= end < start + max_answer_len``, per row."""
+    t = start_logits.shape[-1]
+    scores = start_logits[:, :, None] + end_logits[:, None, :]  # [b, start, end]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    valid = (j >= i) & (j < i + max_answer_len)
+    flat = jnp.where(valid[None], scores, -jnp.inf).reshape(scores.shape[0], -1)
+    best = jnp.argmax(flat, -1)
+    return best // t, best % t
+
+
+def span_loss_fn(encode_fn: EncodeFn, max_answer_len: int = 30) -> Callable:
+    """``loss_fn`` for ``{"tokens", "mask", "start", "end"}``; token-level exact match and F1."""
+
+    def loss_fn(params, batch, key):
+        del key
+        start_logits, end_logits = span_logits(encode_fn, params, batch["tokens"], batch["mask"])
+        ones = jnp.ones(start_logits.shape[:1], start_logits.dtype)
+        loss = 0.5 * (
+            _cross_entropy(start_logits, batch["start"], ones)
+            + _cross_entropy(end_logits, batch["end"], ones)
+        )
+        s, e = best_spans(start_logits, end_logits, max_answer_len)
+        exact = ((s == batch["start"]) & (e == batch["end"])).astype(loss.dtype)
+        overlap = jnp.maximum(0, jnp.minimum(e, batch["end"]) - jnp.maximum(s, batch["start"]) + 1)
+        precision = overlap / (e - s + 1)
+        recall = overlap / (batch["end"] - batch["start"] + 1)
+        f1 = jnp.where(overlap > 0, 2 * precision * recall / (precision + recall + 1e-9), 0.0)
+        return loss, {"exact_match": jnp.mean(exact), "f1": jnp.mean(f1)}
+
+    return loss_fn
+
+
+def _normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """SQuAD v1.1 exact match and F1 of a predicted answer text against the gold answers.
+
+    >>> squad_scores("the Eiffel Tower", ["Eiffel Tower", "tower"])
+    (1.0, 1.0)
+    """
+
+    def f1(pred, gold):
+        p, g = _normalize_answer(pred).split(), _normalize_answer(gold).split()
+        common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    em = max(float(_normalize_answer(prediction) == _normalize_answer(a)) for a in answers)
+    return em, max(f1(prediction, a) for a in answers)

@@ -1,0 +1,144 @@
+"""Task heads and the seq2seq model: closed forms and overfitting oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import metaflax as mf
+from metaflax import bert, heads, seq2seq
+
+CFG = bert.BertConfig.tiny(
+    vocab_size=64,
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=16,
+)
+
+
+def _encoder():
+    return mf.functionalize(bert.BertEncoder(CFG, rngs=nnx.Rngs(0)))
+
+
+def _batch(n=6, ways=3, seed=0):
+    tokens = jax.random.randint(jax.random.key(seed), (n, 12), 1, 64)
+    return {
+        "tokens": tokens,
+        "mask": jnp.arange(12)[None].repeat(n, 0) < 10,
+        "label": jnp.arange(n) % ways,
+    }
+
+
+def _train(loss_fn, params, batch, steps, lr=1e-3):
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(p, s):
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, None)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss, m
+
+    state = tx.init(params)
+    for _ in range(steps):
+        params, state, loss, metrics = step(params, state)
+    return params, loss, metrics
+
+
+def test_proto_head_is_the_nearest_prototype_classifier():
+    encode, enc = _encoder()
+    params = heads.init_classifier(None, enc, 32, 3)
+    support = _batch()
+    init = heads.classifier_task_init(encode, "proto", 3)(params, support)
+    _, pooled = encode(enc, support["tokens"], support["mask"])
+    protos = jnp.stack([pooled[support["label"] == c].mean(0) for c in range(3)])
+    logits = pooled @ init["head"]["kernel"] + init["head"]["bias"][None]
+    # 2 x.mu - |mu|^2 = |x|^2 - |x - mu|^2: the same ranking as the negative squared distance
+    dist = -jnp.sum((pooled[:, None] - protos[None]) ** 2, -1)
+    row_norm = jnp.sum(pooled**2, -1, keepdims=True)
+    np.testing.assert_allclose(logits, dist + row_norm, rtol=1e-4, atol=1e-4)
+    zero = heads.classifier_task_init(encode, "zero", 3)(init, support)
+    assert not any(bool(jnp.any(x)) for x in jax.tree.leaves(zero["head"]))
+    assert heads.classifier_task_init(encode, "learned", 3) is None
+    with pytest.raises(ValueError, match="head_init='protos' is not valid"):
+        heads.classifier_task_init(encode, "protos", 3)
+
+
+def test_proto_maml_meta_gradient_reaches_the_encoder_through_the_head_init():
+    encode, enc = _encoder()
+    loss_fn = heads.classification_loss_fn(encode)
+    alg = mf.maml(
+        loss_fn,
+        inner_tx=optax.sgd(0.1),
+        outer_tx=optax.sgd(0.1),
+        num_inner_steps=1,
+        task_init=heads.classifier_task_init(encode, "proto", 3),
+    )
+    episodes = mf.Episode(*(jax.tree.map(lambda x: x[None], _batch(seed=s)) for s in (0, 1)))
+    grads = jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0])(
+        heads.init_classifier(None, enc, 32, 3)
+    )
+    assert optax.tree.norm(grads["encoder"]) > 0
+    assert optax.tree.norm(grads["head"]) == 0  # the head is re-initialised per task
+
+
+def test_span_head_overfits_one_example():
+    encode, enc = _encoder()
+    params = heads.init_span_head(enc, 32)
+    batch = {
+        "tokens": jax.random.randint(jax.random.key(3), (1, 12), 1, 64),
+        "mask": jnp.ones((1, 12), bool),
+        "start": jnp.array([4]),
+        "end": jnp.array([6]),
+    }
+    loss_fn = heads.span_loss_fn(encode)
+    params, _, metrics = _train(loss_fn, params, batch, 60)
+    start, end = heads.span_logits(encode, params, batch["tokens"], batch["mask"])
+    assert int(jnp.argmax(start)) == 4 and int(jnp.argmax(end)) == 6
+    assert float(metrics["exact_match"]) == 1.0 and float(metrics["f1"]) == 1.0
+
+
+def test_best_spans_respects_order_and_length():
+    start = jnp.array([[0.0, 5.0, 0.0, 0.0, 9.0]])
+    end = jnp.array([[8.0, 0.0, 1.0, 0.0, 0.0]])
+    s, e = heads.best_spans(start, end, max_answer_len=2)  # end 0 < start 1: not allowed
+    assert (int(s[0]), int(e[0])) == (4, 4)
+
+
+def test_squad_scores():
+    assert heads.squad_scores("The cat sat", ["the cat sat."]) == (1.0, 1.0)
+    em, f1 = heads.squad_scores("cat sat on", ["the cat sat"])
+    assert em == 0.0 and f1 == pytest.approx(0.8)
+
+
+def test_seq2seq_overfits_and_decodes_exactly():
+    bos, eos, vocab, length = 1, 2, 20, 8
+    model = seq2seq.Seq2Seq(
+        vocab, max_len=length, dim=32, num_layers=1, num_heads=2, mlp_dim=64, rngs=nnx.Rngs(0)
+    )
+    apply_fn, params = mf.functionalize(model)
+    src = jnp.array(
+        [[5, 6, 7, 0, 0, 0, 0, 0], [8, 9, 10, 11, 0, 0, 0, 0], [12, 5, 0, 0, 0, 0, 0, 0]]
+    )
+    tgt = jnp.array(
+        [[1, 7, 6, 5, 2, 2, 2, 2], [1, 11, 10, 9, 8, 2, 2, 2], [1, 5, 12, 2, 2, 2, 2, 2]]
+    )
+    tgt_mask = jnp.cumsum(tgt == eos, axis=1) <= 1  # tokens up to and including the first EOS
+    batch = {"src": src, "src_mask": src > 0, "tgt": tgt, "tgt_mask": tgt_mask}
+    params, _, metrics = _train(seq2seq.seq2seq_loss_fn(apply_fn), params, batch, 150, 3e-3)
+    assert float(metrics["token_accuracy"]) == 1.0
+    decoded = seq2seq.greedy_decode(
+        apply_fn, params, src, src > 0, bos_id=bos, eos_id=eos, max_len=length
+    )
+    np.testing.assert_array_equal(decoded, tgt)
+
+
+def test_translation_metrics():
+    same = seq2seq.translation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same["chrf"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)
+    worse = seq2seq.translation_metrics(["a dog"], ["the cat sat on the mat"])
+    assert worse["chrf"] < 30 and worse["bleu"] < 10
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        seq2seq.translation_metrics(["a", "b"], ["a"])
