@@ -125,6 +125,48 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The tables of benchmarks/README.md, from a throughput.json result."""
+    rows = result["throughput"]
+    lines = [
+        f"{result['date']}, {result['machine']}, jax {result['jax']}.",
+        "",
+        "| workload | algorithm | tasks/s, 1 inner step | tasks/s, 5 inner steps | compile s |",
+        "|---|---|---|---|---|",
+    ]
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        for name in dict.fromkeys(r["algorithm"] for r in rows if r["workload"] == wl):
+            by_k = {
+                r["inner_steps"]: r for r in rows if (r["workload"], r["algorithm"]) == (wl, name)
+            }
+            cells = [f"{by_k[k]['tasks_per_s']:,.1f}" if k in by_k else "" for k in (1, 5)]
+            comp = " / ".join(f"{by_k[k]['compile_s']:.1f}" for k in (1, 5) if k in by_k)
+            lines.append(f"| {wl} | {name} | {cells[0]} | {cells[1]} | {comp} |")
+    lines += ["", "Speed relative to second-order MAML at the same number of inner steps:", ""]
+    lines += ["| workload | algorithm | x MAML, 1 step | x MAML, 5 steps |", "|---|---|---|---|"]
+    tps = {(r["workload"], r["algorithm"], r["inner_steps"]): r["tasks_per_s"] for r in rows}
+    for wl, name, k in tps:
+        if k == 1 and name != "maml" and (wl, "maml", 1) in tps:
+            ratios = [
+                f"{tps[(wl, name, s)] / tps[(wl, 'maml', s)]:.2f}"
+                if (wl, name, s) in tps and (wl, "maml", s) in tps
+                else ""
+                for s in (1, 5)
+            ]
+            lines.append(f"| {wl} | {name} | {ratios[0]} | {ratios[1]} |")
+    if "conv4_formulations" in result:
+        lines += [
+            "",
+            "| conv4 MAML formulation | task_map | tasks | tasks/s |",
+            "|---|---|---|---|",
+        ]
+        for r in result["conv4_formulations"]:
+            lines.append(
+                f"| {r['formulation']} | {r['task_map']} | {r['tasks']} | {r['tasks_per_s']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default="sinusoid,conv4,encoder")
@@ -161,7 +203,9 @@ def main():
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "throughput.png"))
-    print(f"wrote {args.out}/throughput.json and throughput.png")
+    with open(os.path.join(args.out, "throughput.md"), "w") as f:
+        f.write(markdown(result) + "\n")
+    print(f"wrote {args.out}/throughput.json, throughput.md and throughput.png")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,11 @@ def test_import_matches_hf_bert_model(tmp_path):
 def test_export_loads_in_transformers_unchanged(tmp_path):
     encoder = bert.BertEncoder(CFG, rngs=nnx.Rngs(1))
     apply_fn, params = mf.functionalize(encoder)
-    bert.save_pretrained(str(tmp_path), params, CFG)
+    vocab = {f"w{i}": i for i in range(CFG.vocab_size)}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "w0"))
+    )
+    bert.save_pretrained(str(tmp_path), params, CFG, tokenizer=tok)
     hf = transformers.BertModel.from_pretrained(str(tmp_path)).eval()
     ids, mask, types = _inputs(1)
     seq, pooled = apply_fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
@@ -70,8 +74,9 @@ def test_export_loads_in_transformers_unchanged(tmp_path):
     np.testing.assert_allclose(seq, ref_seq, atol=1e-4, rtol=0)
     np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
     # and the round trip through safetensors is exact
-    again = bert.from_pretrained(str(tmp_path)).encoder
-    _, reloaded = mf.functionalize(again)
+    again = bert.from_pretrained(str(tmp_path))
+    assert len(again.tokenizer) == CFG.vocab_size  # the tokenizer saved beside the weights
+    _, reloaded = mf.functionalize(again.encoder)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded), strict=True):
         np.testing.assert_array_equal(a, b)
 
