@@ -1,0 +1,102 @@
+"""Labeled text from TFDS data sources or users' own files, tokenized once with HF tokenizers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from metaflax.data.sampler import LabeledTokens
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # real data: bytes
+
+
+def read_labeled_file(
+    path: str, *, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], list[str]]:
+    """``(texts, labels)`` from a CSV, TSV or JSONL file with a text and a label column."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        if ext in (".csv", ".tsv"):
+            rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+        elif ext in (".jsonl", ".json"):
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise ValueError(f"{path}: unsupported extension {ext!r}; use .csv, .tsv or .jsonl.")
+    if not rows:
+        raise ValueError(f"{path} has no rows.")
+    missing = [c for c in (text_column, label_column) if c not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"{path} has no column(s) {missing}; its columns are {sorted(rows[0])}. Pass "
+            "text_column= and label_column=."
+        )
+    return [str(r[text_column]) for r in rows], [str(r[label_column]) for r in rows]
+
+
+def records_to_texts(records: Iterable[dict], text_key: str, label_key: str):
+    """Texts and string labels from TFDS records (``bytes`` or ``str`` fields, or class ids)."""
+    texts, labels = [], []
+    for record in records:
+        texts.append(_text(record[text_key]))
+        labels.append(_text(record[label_key]))
+    return texts, labels
+
+
+def tokenize_labeled(
+    texts: Sequence[str], labels: Sequence[str], tokenizer, max_len: int
+) -> LabeledTokens:
+    """Tokenizes every example once (HF tokenizer, padded/truncated to ``max_len``)."""
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels.")
+    enc = tokenizer(
+        list(texts), max_length=max_len, truncation=True, padding="max_length", return_tensors="np"
+    )
+    class_names = tuple(sorted(set(labels)))
+    index = {c: i for i, c in enumerate(class_names)}
+    return LabeledTokens(
+        enc["input_ids"].astype(np.int32),
+        enc["attention_mask"].astype(bool),
+        np.array([index[label] for label in labels], np.int32),
+        class_names,
+    )
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, save_dir: str | None = None):
+    """Trains a lower-cased BERT-style WordPiece vocabulary with ``tokenizers``.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` (saved to ``save_dir`` if given, and
+    reloadable there with ``AutoTokenizer.from_pretrained``).
+    """
+    import tokenizers
+    import transformers
+    from tokenizers import normalizers, pre_tokenizers, processors
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    if save_dir is not None:
+        fast.save_pretrained(save_dir)
+    return fast

@@ -1,0 +1,96 @@
+"""TFDS builders (without TensorFlow) on the real files in ../shared/data; text sources."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import transformers
+
+from metaflax.data import builders, episode_sampler, text_sources
+
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    old = os.environ.get("METAFLAX_CACHE_DIR")
+    os.environ["METAFLAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["METAFLAX_CACHE_DIR"]
+    else:
+        os.environ["METAFLAX_CACHE_DIR"] = old
+
+
+def test_clinc150_builder_parses_the_real_file(cache):
+    assert os.path.isdir(SHARED), f"the shared datasets are expected at {SHARED}"
+    splits = {
+        s: builders.data_source("clinc150", s, source_dir=SHARED) for s in ("train", "val", "test")
+    }
+    assert {s: len(v) for s, v in splits.items()} == {"train": 15000, "val": 3000, "test": 4500}
+    texts, domains = text_sources.records_to_texts(
+        (splits["train"][i] for i in range(len(splits["train"]))), "text", "domain"
+    )
+    _, intents = text_sources.records_to_texts(
+        (splits["train"][i] for i in range(len(splits["train"]))), "text", "intent"
+    )
+    assert len(set(domains)) == 10 and len(set(intents)) == 150
+    with open(os.path.join(SHARED, "clinc150", "data_full.json")) as f:
+        upstream = json.load(f)["train"]  # TFDS shuffles the order; the rows are the real ones
+    assert sorted(zip(texts, intents, strict=True)) == sorted(map(tuple, upstream))
+
+
+def test_huffpost_builder_and_bao_split(cache):
+    source = builders.data_source("huffpost", "train", source_dir=SHARED)
+    labels = np.array([source[i]["label"] for i in range(len(source))])
+    assert len(source) == 36900 and np.bincount(labels).tolist() == [900] * 41
+    split = builders.HUFFPOST_CLASS_SPLIT
+    assert not set(split["train"]) & set(split["test"]) and len(split["test"]) == 16
+
+
+def test_missing_and_corrupt_sources_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"clinc150/data_full\.json is missing: download"):
+        builders.source_files("clinc150", source_dir=str(tmp_path))
+    (tmp_path / "huffpost").mkdir()
+    shutil.copy(os.path.join(SHARED, "huffpost", "huffpost.json"), tmp_path / "huffpost")
+    with open(tmp_path / "huffpost" / "huffpost.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match=r"SHA-256 mismatch for huffpost/huffpost\.json"):
+        builders.source_files("huffpost", source_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        builders.data_source("nope", "train")
+
+
+def test_catalog_datasets_use_the_same_adapter():
+    with tfds.testing.mock_data(num_examples=40):
+        source = builders.data_source("clinc_oos", "train")
+        texts, intents = text_sources.records_to_texts(
+            (source[i] for i in range(len(source))), "text", "intent"
+        )
+    assert len(texts) == len(intents) == 40 and all(isinstance(t, str) for t in texts)
+
+
+def test_user_files_wordpiece_and_episodes(tmp_path):
+    rows = [("how do i pay my bill", "pay"), ("what is my balance", "balance")] * 6
+    (tmp_path / "d.csv").write_text("utterance,intent\n" + "\n".join(f"{t},{y}" for t, y in rows))
+    (tmp_path / "d.tsv").write_text("utterance\tintent\n" + "\n".join(f"{t}\t{y}" for t, y in rows))
+    (tmp_path / "d.jsonl").write_text(
+        "\n".join(json.dumps({"utterance": t, "intent": y}) for t, y in rows)
+    )
+    for ext in ("csv", "tsv", "jsonl"):
+        texts, labels = text_sources.read_labeled_file(
+            str(tmp_path / f"d.{ext}"), text_column="utterance", label_column="intent"
+        )
+        assert texts[:2] == [r[0] for r in rows[:2]] and labels[:2] == ["pay", "balance"]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]; its columns are"):
+        text_sources.read_labeled_file(str(tmp_path / "d.csv"), label_column="intent")
+    tok = text_sources.train_wordpiece(texts, vocab_size=60, save_dir=str(tmp_path / "tok"))
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert again(texts[0])["input_ids"] == tok(texts[0])["input_ids"]
+    data = text_sources.tokenize_labeled(texts, labels, tok, max_len=12)
+    assert data.tokens.shape == (12, 12) and data.class_names == ("balance", "pay")
+    episode = episode_sampler(data, ways=2, shots=2, queries=3).episode(0, 0)
+    assert episode.support["tokens"].shape == (4, 12) and episode.query["mask"].dtype == bool
