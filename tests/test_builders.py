@@ -94,3 +94,21 @@ def test_user_files_wordpiece_and_episodes(tmp_path):
     assert data.tokens.shape == (12, 12) and data.class_names == ("balance", "pay")
     episode = episode_sampler(data, ways=2, shots=2, queries=3).episode(0, 0)
     assert episode.support["tokens"].shape == (4, 12) and episode.query["mask"].dtype == bool
+
+
+def test_fewrel_tatoeba_xquad_and_unlabeled_builders(cache):
+    wiki = builders.data_source("fewrel", "wiki", source_dir=SHARED)
+    assert len(wiki) == 16 * 700
+    row = wiki[0]
+    tokens = [t.decode() for t in row["tokens"]]
+    assert 0 <= row["head"][0] <= row["head"][1] < len(tokens)
+    tatoeba = builders.data_source("tatoeba", "train", source_dir=SHARED)
+    assert len(tatoeba) == 88877  # 112 languages paired with English
+    xquad = builders.data_source("xquad", "test", source_dir=SHARED)
+    assert len(xquad) == 12 * 1190
+    for i in range(0, len(xquad), 997):  # answers sit at their character offsets
+        r = xquad[i]
+        context, answer = r["context"].decode(), r["answer_text"].decode()
+        assert context[r["answer_start"] : r["answer_start"] + len(answer)] == answer
+    shakespeare = builders.data_source("unlabeled_text", "shakespeare", source_dir=SHARED)
+    assert len(shakespeare) > 30_000 and shakespeare[0]["text"]

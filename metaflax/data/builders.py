@@ -16,30 +16,23 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
-_CLINC = "https://raw.githubusercontent.com/clinc/oos-eval/828f809/data/"
-_HUFFPOST = "https://raw.githubusercontent.com/ws-jiang/MetaPrompter_public/dea17d5/data/"
 
-# dataset folder -> {file name: (upstream url, sha256)}
-SOURCES = {
-    "clinc150": {
-        "data_full.json": (
-            _CLINC + "data_full.json",
-            "36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0",
-        ),
-        "domains.json": (
-            _CLINC + "domains.json",
-            "b947b579d3b8e74b06f93b01083d8efaff2888b43a3e362533bd88a6e1211b3a",
-        ),
-    },
-    "huffpost": {
-        "huffpost.json": (
-            _HUFFPOST + "huffpost.json",
-            "2485569669dd7ec5bf1e2f7468568a1d019faeb9941205bc9fb7edae93c488d6",
-        ),
-    },
-}
+def _load_sources() -> dict[str, dict[str, tuple[str, str]]]:
+    """dataset -> {file: (upstream url, sha256)} from sources.tsv (TFDS owns "checksums.tsv")."""
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    with open(os.path.join(os.path.dirname(__file__), "sources.tsv")) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            dataset, name, sha, url = line.rstrip("\n").split("\t")
+            out.setdefault(dataset, {})[name] = (url, sha)
+    return out
+
+
+SOURCES = _load_sources()
 
 
 def cache_dir() -> str:
@@ -54,12 +47,14 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def source_files(dataset: str, dl_manager=None, source_dir: str | None = None) -> dict[str, str]:
-    """Paths of ``dataset``'s verified source files, local or downloaded.
+def source_files(
+    dataset: str, dl_manager=None, source_dir: str | None = None, names=None
+) -> dict[str, str]:
+    """Paths of ``dataset``'s verified source files (all, or ``names``), local or downloaded.
 
     Raises one ``FileNotFoundError`` / ``ValueError`` naming the file and how to provide it.
     """
-    files = SOURCES[dataset]
+    files = {n: SOURCES[dataset][n] for n in (names or SOURCES[dataset])}
     source_dir = source_dir or os.environ.get("METAFLAX_DATA_DIR")
     paths = {}
     for name, (url, sha) in files.items():
@@ -96,8 +91,8 @@ class _LocalOrDownload(tfds.core.GeneratorBasedBuilder):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
-    def _sources(self, dl_manager) -> dict[str, str]:
-        return source_files(self.SOURCE, dl_manager, self._source_dir)
+    def _sources(self, dl_manager, names=None) -> dict[str, str]:
+        return source_files(self.SOURCE, dl_manager, self._source_dir, names)
 
 
 class Clinc150(_LocalOrDownload):
@@ -121,7 +116,7 @@ class Clinc150(_LocalOrDownload):
         )
 
     def _split_generators(self, dl_manager):
-        paths = self._sources(dl_manager)
+        paths = self._sources(dl_manager, ["data_full.json", "domains.json"])
         with open(paths["data_full.json"]) as f:
             data = json.load(f)
         with open(paths["domains.json"]) as f:
@@ -166,6 +161,171 @@ class HuffPost(_LocalOrDownload):
                 yield i, {"text": row["raw"], "label": int(row["label"])}
 
 
+class FewRel(_LocalOrDownload):
+    """FewRel 1.0 validation relations (Han et al. 2018): 68 relations over 4 domains.
+
+    One split per domain (``wiki``, ``nyt``, ``pubmed``, ``semeval``); head/tail entity token
+    spans (first mention).
+    """
+
+    SOURCE = "fewrel"
+    DOMAINS = ("wiki", "nyt", "pubmed", "semeval")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="FewRel 1.0 validation sentences with relation and entity spans.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "tokens": tfds.features.Sequence(tfds.features.Text()),
+                    "relation": tfds.features.Text(),
+                    "relation_name": tfds.features.Text(),
+                    "head": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "tail": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                }
+            ),
+            homepage="https://github.com/thunlp/FewRel",
+            license="MIT",
+        )
+
+    def _split_generators(self, dl_manager):
+        paths = self._sources(dl_manager)
+        with open(paths["pid2name.json"]) as f:
+            names = {k: v[0] for k, v in json.load(f).items()}
+        return {d: self._generate_examples(paths[f"val_{d}.json"], names) for d in self.DOMAINS}
+
+    def _generate_examples(self, path, names):
+        with open(path) as f:
+            data = json.load(f)
+        for relation in sorted(data):
+            for i, row in enumerate(data[relation]):
+                span = lambda e: [e[2][0][0], e[2][0][-1]]  # noqa: E731
+                yield (
+                    f"{relation}-{i}",
+                    {
+                        "tokens": row["tokens"],
+                        "relation": relation,
+                        "relation_name": names.get(relation, relation),
+                        "head": np.asarray(span(row["h"]), np.int32),
+                        "tail": np.asarray(span(row["t"]), np.int32),
+                    },
+                )
+
+
+class Tatoeba(_LocalOrDownload):
+    """Tatoeba parallel sentences, LASER test set: 112 languages paired with English."""
+
+    SOURCE = "tatoeba"
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Tatoeba sentence pairs: a language (ISO 639-3) and English.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "language": tfds.features.Text(),
+                    "source": tfds.features.Text(),
+                    "english": tfds.features.Text(),
+                }
+            ),
+            homepage="https://github.com/facebookresearch/LASER",
+            license="CC BY 2.0 FR",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(self._sources(dl_manager))}
+
+    def _generate_examples(self, paths):
+        languages = sorted({n.split(".")[1].split("-")[0] for n in paths})
+        for lang in languages:
+            with open(paths[f"tatoeba.{lang}-eng.{lang}"], encoding="utf-8") as f:
+                src = f.read().splitlines()
+            with open(paths[f"tatoeba.{lang}-eng.eng"], encoding="utf-8") as f:
+                eng = f.read().splitlines()
+            if len(src) != len(eng):
+                raise ValueError(f"tatoeba {lang}: {len(src)} source but {len(eng)} English lines.")
+            for i, (a, b) in enumerate(zip(src, eng, strict=True)):
+                yield f"{lang}-{i}", {"language": lang, "source": a, "english": b}
+
+
+class XQuAD(_LocalOrDownload):
+    """XQuAD (Artetxe et al. 2020): 240 paragraphs / 1190 questions in 12 languages."""
+
+    SOURCE = "xquad"
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="XQuAD questions with context, answer text and character offset.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "language": tfds.features.Text(),
+                    "title": tfds.features.Text(),
+                    "context": tfds.features.Text(),
+                    "question": tfds.features.Text(),
+                    "answer_text": tfds.features.Text(),
+                    "answer_start": np.int32,
+                }
+            ),
+            homepage="https://github.com/google-deepmind/xquad",
+            license="CC BY-SA 4.0",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(self._sources(dl_manager))}
+
+    def _generate_examples(self, paths):
+        for name in sorted(paths):
+            lang = name.split(".")[1]
+            with open(paths[name], encoding="utf-8") as f:
+                articles = json.load(f)["data"]
+            for article in articles:
+                for paragraph in article["paragraphs"]:
+                    for qa in paragraph["qas"]:
+                        answer = qa["answers"][0]
+                        yield (
+                            f"{lang}-{qa['id']}",
+                            {
+                                "id": qa["id"],
+                                "language": lang,
+                                "title": article["title"],
+                                "context": paragraph["context"],
+                                "question": qa["question"],
+                                "answer_text": answer["text"],
+                                "answer_start": answer["answer_start"],
+                            },
+                        )
+
+
+class UnlabeledText(_LocalOrDownload):
+    """Unlabeled English lines: Tiny Shakespeare (``shakespeare``), CLINC's Wikipedia sentences
+    (``wiki``). The raw material of self-supervised (SMLMT) tasks."""
+
+    SOURCE = "unlabeled"
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Non-empty lines of unlabeled English text.",
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        shakespeare = source_files("tinyshakespeare", dl_manager, self._source_dir)
+        wiki = source_files("clinc150", dl_manager, self._source_dir, ["all_wiki_sents.txt"])
+        return {
+            "shakespeare": self._generate_examples(shakespeare["input.txt"]),
+            "wiki": self._generate_examples(wiki["all_wiki_sents.txt"]),
+        }
+
+    def _generate_examples(self, path):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield i, {"text": line.strip()}
+
+
 # Bao et al. 2020: labels 0-19 meta-train, 20-24 meta-val, 25-40 meta-test.
 HUFFPOST_CLASS_SPLIT = {
     "train": list(range(20)),
@@ -173,7 +333,14 @@ HUFFPOST_CLASS_SPLIT = {
     "test": list(range(25, 41)),
 }
 
-BUILDERS = {"clinc150": Clinc150, "huffpost": HuffPost}
+BUILDERS = {
+    "clinc150": Clinc150,
+    "huffpost": HuffPost,
+    "fewrel": FewRel,
+    "tatoeba": Tatoeba,
+    "xquad": XQuAD,
+    "unlabeled_text": UnlabeledText,
+}
 
 
 def data_source(name: str, split: str, *, source_dir: str | None = None):

@@ -107,6 +107,13 @@ def episode_sampler(data: LabeledTokens, *, ways: int, shots: int, queries: int)
         rows_q = np.concatenate([p[shots:] for p in picks])
         return Episode(_rows(data, rows_s, labels_s), _rows(data, rows_q, labels_q))
 
+    return EpisodeSampler(episode, meta_batch_fn(episode), len(idx.classes))
+
+
+def meta_batch_fn(episode: Callable[[int, int], Episode]) -> Callable[[int, int, int], Episode]:
+    """``meta_batch(seed, step, num_tasks)``: episodes ``step * num_tasks + t`` stacked on a
+    leading [tasks] axis."""
+
     def meta_batch(seed: int, step: int, num_tasks: int) -> Episode:
         eps = [episode(seed, step * num_tasks + t) for t in range(num_tasks)]
         return Episode(
@@ -116,7 +123,7 @@ def episode_sampler(data: LabeledTokens, *, ways: int, shots: int, queries: int)
             )
         )
 
-    return EpisodeSampler(episode, meta_batch, len(idx.classes))
+    return meta_batch
 
 
 def _rows(data, rows, labels):
