@@ -11,7 +11,10 @@ import transformers
 
 from metaflax.data import builders, episode_sampler, text_sources
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+# The real datasets: METAFLAX_DATA_DIR, else ../shared/data beside the checkout.
+SHARED = os.environ.get("METAFLAX_DATA_DIR") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import pytest
 
 from metaflax.data import CharVocab, cldr, families, text_sources
 
-WIKI = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data", "clinc150", "all_wiki_sents.txt"
+SHARED = os.environ.get("METAFLAX_DATA_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data"
 )
+WIKI = os.path.join(SHARED, "clinc150", "all_wiki_sents.txt")
 
 
 def test_translation_tasks_pair_the_same_key():
