@@ -49,3 +49,44 @@ def test_smlmt_masks_the_label_word():
     np.testing.assert_array_equal(ep2.query["tokens"], ep.query["tokens"])
     with pytest.raises(ValueError, match="words occur in"):
         families.smlmt_sampler(lines[:5], tok, ways=3, shots=2, queries=2, max_len=48)
+
+
+def test_qa_spans_map_back_to_the_answer_text(tmp_path, monkeypatch):
+    from metaflax.data import builders
+
+    monkeypatch.setenv("METAFLAX_CACHE_DIR", str(tmp_path))
+    source = builders.data_source("xquad", "test", source_dir=SHARED)
+    examples = []
+    for i in range(len(source)):
+        r = source[i]
+        if r["language"] == b"en":
+            examples.append(
+                families.QAExample(
+                    "en/" + r["title"].decode(),
+                    r["question"].decode(),
+                    r["context"].decode(),
+                    r["answer_text"].decode(),
+                    int(r["answer_start"]),
+                )
+            )
+    assert len(examples) == 1190
+    tok = text_sources.train_wordpiece([e.context for e in examples], vocab_size=3000)
+    arrays, kept, dropped = families.tokenize_qa(examples, tok, max_len=192)
+    assert dropped > 0 and len(kept) + dropped == 1190  # long contexts lose some answers
+    enc = tok(
+        [examples[i].question for i in kept],
+        [examples[i].context for i in kept],
+        max_length=192,
+        truncation="only_second",
+        return_offsets_mapping=True,
+    )
+    for row, i in enumerate(kept):
+        e, offsets = examples[i], enc["offset_mapping"][row]
+        start, end = offsets[arrays["start"][row]][0], offsets[arrays["end"][row]][1]
+        span = e.context[start:end]
+        assert e.answer_text in span and len(span) <= len(e.answer_text) + 12, (span, e)
+    with pytest.warns(UserWarning, match="answers fall outside max_len=192"):
+        sampler = families.qa_sampler(examples, tok, shots=3, queries=2, max_len=192)
+    ep = sampler.episode(0, 1)
+    assert ep.support["tokens"].shape == (3, 192) and ep.query["start"].shape == (2,)
+    assert (ep.support["start"] <= ep.support["end"]).all()

@@ -7,6 +7,7 @@ returns episodes as a pure function of ``(seed, index)`` with fixed shapes.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -128,5 +129,91 @@ def smlmt_sampler(
             {"tokens": s_rows, "mask": s_rows != tokenizer.pad_token_id, "label": labels_s},
             {"tokens": q_rows, "mask": q_rows != tokenizer.pad_token_id, "label": labels_q},
         )
+
+    return _sampler(episode)
+
+
+class QAExample(NamedTuple):
+    """One extractive-QA example: the answer is ``context[answer_start:][:len(answer_text)]``."""
+
+    task: str  # e.g. "<language>/<article title>"
+    question: str
+    context: str
+    answer_text: str
+    answer_start: int
+
+
+def tokenize_qa(examples: Sequence[QAExample], tokenizer, max_len: int):
+    """Tokenizes (question, context) pairs once; maps answers to token positions via offsets.
+
+    Returns ``(arrays, kept, dropped)``: ``arrays`` holds ``tokens``, ``mask``, ``start``,
+    ``end`` for the kept examples, ``kept`` their indices into ``examples``, and ``dropped``
+    the number whose answer fell outside the ``max_len`` window (truncated away).
+    """
+    enc = tokenizer(
+        [e.question for e in examples],
+        [e.context for e in examples],
+        max_length=max_len,
+        truncation="only_second",
+        padding="max_length",
+        return_offsets_mapping=True,
+        return_tensors="np",
+    )
+    starts, ends, kept = [], [], []
+    for i, e in enumerate(examples):
+        seq_ids = enc.sequence_ids(i)
+        lo, hi = e.answer_start, e.answer_start + len(e.answer_text)
+        start = end = None
+        for t, (a, b) in enumerate(enc["offset_mapping"][i]):
+            if seq_ids[t] != 1 or b <= a:
+                continue
+            if start is None and a <= lo < b:
+                start = t
+            if a < hi <= b:
+                end = t
+        if start is not None and end is not None and end >= start:
+            starts.append(start)
+            ends.append(end)
+            kept.append(i)
+    kept = np.asarray(kept, np.int64)
+    arrays = {
+        "tokens": enc["input_ids"][kept].astype(np.int32),
+        "mask": enc["attention_mask"][kept].astype(bool),
+        "start": np.asarray(starts, np.int32),
+        "end": np.asarray(ends, np.int32),
+    }
+    return arrays, kept, len(examples) - len(kept)
+
+
+def qa_sampler(
+    examples: Sequence[QAExample], tokenizer, *, shots: int, queries: int, max_len: int
+) -> TaskSampler:
+    """Extractive-QA tasks: a task is a set of paragraphs (``QAExample.task``, e.g. an article in
+    one language); support = ``shots`` question/answer pairs, query = ``queries`` held-out ones.
+
+    Batches are ``{"tokens", "mask", "start", "end"}`` for :func:`metaflax.heads.span_loss_fn`.
+    Answers outside the window are dropped and counted (a warning); tasks with fewer than
+    ``shots + queries`` usable questions are left out.
+    """
+    arrays, kept, dropped = tokenize_qa(examples, tokenizer, max_len)
+    if dropped:
+        warnings.warn(
+            f"{dropped} of {len(examples)} answers fall outside max_len={max_len} tokens and "
+            "were dropped; raise max_len to keep them.",
+            stacklevel=2,
+        )
+    task_of = np.array([examples[i].task for i in kept])
+    tasks = [t for t in sorted(set(task_of)) if (task_of == t).sum() >= shots + queries]
+    if not tasks:
+        raise ValueError(
+            f"no task has shots+queries={shots + queries} usable questions; lower them."
+        )
+    rows_of = {t: np.flatnonzero(task_of == t) for t in tasks}
+
+    def episode(seed: int, index: int) -> Episode:
+        rng = np.random.default_rng([seed, index])
+        rows = rng.choice(rows_of[tasks[rng.integers(len(tasks))]], shots + queries, replace=False)
+        half = lambda r: {k: v[r] for k, v in arrays.items()}  # noqa: E731
+        return Episode(half(rows[:shots]), half(rows[shots:]))
 
     return _sampler(episode)
