@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import transformers
 
 from metaflax.data import builders, episode_sampler, text_sources
 
@@ -41,6 +40,8 @@ def test_clinc150_builder_parses_the_real_file(cache):
         (splits["train"][i] for i in range(len(splits["train"]))), "text", "intent"
     )
     assert len(set(domains)) == 10 and len(set(intents)) == 150
+    by_domain = text_sources.classes_by_group(intents, domains)  # split intents by domain
+    assert len(by_domain) == 10 and all(len(v) == 15 for v in by_domain.values())
     with open(os.path.join(SHARED, "clinc150", "data_full.json")) as f:
         upstream = json.load(f)["train"]  # TFDS shuffles the order; the rows are the real ones
     assert sorted(zip(texts, intents, strict=True)) == sorted(map(tuple, upstream))
@@ -91,7 +92,9 @@ def test_user_files_wordpiece_and_episodes(tmp_path):
     with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]; its columns are"):
         text_sources.read_labeled_file(str(tmp_path / "d.csv"), label_column="intent")
     tok = text_sources.train_wordpiece(texts, vocab_size=60, save_dir=str(tmp_path / "tok"))
-    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    again = text_sources.load_tokenizer(str(tmp_path / "tok"))
+    with pytest.raises(FileNotFoundError, match="is not a tokenizer directory"):
+        text_sources.load_tokenizer(str(tmp_path / "nope"))
     assert again(texts[0])["input_ids"] == tok(texts[0])["input_ids"]
     data = text_sources.tokenize_labeled(texts, labels, tok, max_len=12)
     assert data.tokens.shape == (12, 12) and data.class_names == ("balance", "pay")

@@ -50,6 +50,37 @@ def records_to_texts(records: Iterable[dict], text_key: str, label_key: str):
     return texts, labels
 
 
+def classes_by_group(labels: Sequence[str], groups: Sequence[str]) -> dict[str, list[str]]:
+    """``{group: sorted classes}``, e.g. CLINC150 intents by domain for a split by domain.
+
+    >>> classes_by_group(["pay", "balance", "alarm"], ["banking", "banking", "utility"])
+    {'banking': ['balance', 'pay'], 'utility': ['alarm']}
+    """
+    out: dict[str, set[str]] = {}
+    for label, group in zip(labels, groups, strict=True):
+        out.setdefault(group, set()).add(label)
+    clash = {
+        c for g, cs in out.items() for c in cs if any(c in o for h, o in out.items() if h != g)
+    }
+    if clash:
+        raise ValueError(f"classes in more than one group: {sorted(clash)[:5]}")
+    return {g: sorted(cs) for g, cs in sorted(out.items())}
+
+
+def load_tokenizer(path: str):
+    """A local HF tokenizer directory (``AutoTokenizer``), with one clear error if it is not."""
+    import transformers
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path} is not a tokenizer directory (save one with save_pretrained)."
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} holds no loadable HF tokenizer: {e}") from None
+
+
 def tokenize_labeled(
     texts: Sequence[str], labels: Sequence[str], tokenizer, max_len: int
 ) -> LabeledTokens:
