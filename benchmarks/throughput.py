@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.workloads import WORKLOADS, make_algorithm
+from metaflax.core import check_episodes
 from metaflax.models import Conv4, max_pool_2x2
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "meta_sgd")
@@ -44,7 +45,7 @@ def time_step(alg, workload, min_seconds: float, min_steps: int = 3) -> dict:
             jax.block_until_ready(metrics)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
-    tasks = workload.episodes.support[next(iter(workload.episodes.support))].shape[0]
+    tasks = check_episodes(workload.episodes)
     return {
         "compile_s": compile_s,
         "step_ms": 1e3 * seconds / steps,

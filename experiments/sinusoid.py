@@ -161,7 +161,6 @@ def _example_fit(alg, meta_params, apply_fn, config):
     support = jax.tree.map(lambda x: x[0], episodes.support)
     xs = jnp.linspace(-5, 5, 200)[:, None]
     out = {"x": np.asarray(xs[:, 0]), "support": support, "task": task}
-    out["pre"] = np.asarray(apply_fn(alg.adapt(meta_params, support, key, num_steps=1)[0], xs))
     for steps in config.eval.inner_steps:
         adapted, _ = alg.adapt(meta_params, support, key, num_steps=steps)
         out[steps] = np.asarray(apply_fn(adapted, xs)[:, 0])

@@ -28,9 +28,8 @@ EncodeFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 HEAD_INITS = ("learned", "zero", "proto")
 
 
-def init_classifier(key: jax.Array, encoder_params: PyTree, hidden: int, ways: int) -> dict:
+def init_classifier(encoder_params: PyTree, hidden: int, ways: int) -> dict:
     """``{"encoder": ..., "head": {"kernel": [hidden, ways], "bias": [ways]}}``, head zeroed."""
-    del key
     return {
         "encoder": encoder_params,
         "head": {"kernel": jnp.zeros((hidden, ways)), "bias": jnp.zeros((ways,))},

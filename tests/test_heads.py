@@ -49,7 +49,7 @@ def _train(loss_fn, params, batch, steps, lr=1e-3):
 
 def test_proto_head_is_the_nearest_prototype_classifier():
     encode, enc = _encoder()
-    params = heads.init_classifier(None, enc, 32, 3)
+    params = heads.init_classifier(enc, 32, 3)
     support = _batch()
     init = heads.classifier_task_init(encode, "proto", 3)(params, support)
     _, pooled = encode(enc, support["tokens"], support["mask"])
@@ -78,7 +78,7 @@ def test_proto_maml_meta_gradient_reaches_the_encoder_through_the_head_init():
     )
     episodes = mf.Episode(*(jax.tree.map(lambda x: x[None], _batch(seed=s)) for s in (0, 1)))
     grads = jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0])(
-        heads.init_classifier(None, enc, 32, 3)
+        heads.init_classifier(enc, 32, 3)
     )
     assert optax.tree.norm(grads["encoder"]) > 0
     assert optax.tree.norm(grads["head"]) == 0  # the head is re-initialised per task
