@@ -196,6 +196,18 @@ def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> N
     map_tasks(lambda x: x, task_map)  # validates task_map
 
 
+def _grad_of(meta_loss: Callable) -> Callable:
+    """``meta_grad``: the gradient of ``meta_loss`` w.r.t. the meta-parameters, with metrics."""
+
+    def meta_grad(meta_params, episodes, key):
+        (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+            meta_params, episodes, key
+        )
+        return grads, metrics
+
+    return meta_grad
+
+
 def _task_metrics(losses, metrics, inner_losses) -> dict:
     out = {"loss": jnp.mean(losses), "inner_losses": jnp.mean(inner_losses, axis=0)}
     out.update({f"query_{k}": jnp.mean(v) for k, v in metrics.items()})
@@ -243,13 +255,7 @@ def _maml_family(
         metrics = _task_metrics(losses, metrics, inner_losses)
         return metrics["loss"], metrics
 
-    def meta_grad(meta_params, episodes, key):
-        (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-            meta_params, episodes, key
-        )
-        return grads, metrics
-
-    return _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt)
+    return _assemble(init_meta, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 
 def maml(
@@ -492,6 +498,57 @@ def reptile(
         return pseudo_grad, metrics
 
     return _assemble(lambda params: params, outer_tx, meta_loss, meta_grad, adapt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prototypical networks: no inner loop, the task's classifier comes from the support set.
+
+
+def protonet(
+    loss_fn: LossFn,
+    *,
+    task_init: Callable[[PyTree, PyTree], PyTree],
+    outer_tx: optax.GradientTransformation,
+    task_map: str | int = "vmap",
+) -> MetaAlgorithm:
+    """Prototypical networks (Snell et al. 2017), the metric-learning baseline of meta-learning.
+
+    The task's parameters are ``task_init(params, support)`` with no gradient step; with
+    ``heads.classifier_task_init(encode_fn, "proto", ways)`` the head is ``W_c = 2 mu_c``,
+    ``b_c = -|mu_c|^2``, whose softmax equals ProtoNet's softmax over ``-|x - mu_c|^2`` (the
+    ``|x|^2`` term is the same for every class). ``meta_loss`` is the query loss of that
+    classifier; ``adapt`` returns it (``inner_losses`` is empty).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> alg = protonet(lambda p, b, k: (jnp.mean((p - b) ** 2), {}),
+    ...                task_init=lambda p, s: p + jnp.mean(s), outer_tx=optax.sgd(0.1))
+    >>> adapted, losses = alg.adapt(jnp.array(1.0), jnp.array([2.0, 4.0]), jax.random.key(0))
+    >>> float(adapted), losses.shape
+    (4.0, (0,))
+    """
+    _check_common(1, outer_tx, task_map)
+    if not callable(task_init):
+        raise TypeError("protonet needs task_init(params, support) -> params (the classifier).")
+
+    def adapt(meta_params, support, key, num_steps=None):
+        del key, num_steps
+        return task_init(meta_params, support), jnp.zeros((0,))
+
+    def meta_loss(meta_params, episodes, key):
+        num_tasks = check_episodes(episodes)
+
+        def one_task(episode, task_key):
+            adapted, inner_losses = adapt(meta_params, episode.support, task_key)
+            loss, metrics = loss_fn(adapted, episode.query, task_key)
+            return loss, metrics, inner_losses
+
+        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
+            episodes, task_keys(key, num_tasks)
+        )
+        metrics = _task_metrics(losses, metrics, inner_losses)
+        return metrics["loss"], metrics
+
+    return _assemble(lambda params: params, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 
 def check_finite(metrics: dict) -> None:

@@ -1,0 +1,26 @@
+"""CLDR term translation: names of territories, languages and currencies from a held-out
+language into English, few-shot (a task is one source language; 25 languages held out).
+
+    python -m experiments.fewshot --config experiments/configs/cldr_terms.py
+    python -m experiments.fewshot --config experiments/configs/cldr_terms.py:runlocal
+
+Real data shipped by babel (offline). A character-level encoder-decoder; chrF and BLEU
+(sacrebleu) of greedy decodes on the query terms. Expected result and wall time:
+experiments/README.md.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+    config = common.base_config()
+    config.name = "cldr_terms"
+    config.dataset = "cldr_terms"
+    config.max_len = 24
+    config.shots = 10
+    config.queries = 10
+    config.eval.shots = (5, 20)
+    config.eval.queries = 10
+    config.eval.num_episodes = 600
+    config.methods = ("maml", "reptile", "multitask", "scratch")
+    return common.parse(arg, config)

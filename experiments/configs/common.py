@@ -1,0 +1,110 @@
+"""Defaults shared by the few-shot text classification configs (``experiments.fewshot``)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "fewshot"
+    config.dataset = "cldr"
+    config.data_dir = ""  # source files; "" = METAFLAX_DATA_DIR, else download
+    config.seed = 0
+    config.meta_train_on = "classes"  # "classes" (labeled) | "smlmt" (unlabeled text)
+    config.tokenizer = "char"  # "char" | "wordpiece" | "hf" (model.hf_path's tokenizer)
+    config.wordpiece_vocab = 8000
+    config.max_len = 24
+
+    config.model = ml_collections.ConfigDict()
+    config.model.hf_path = ""  # a local HF BERT directory; "" = train from scratch
+    config.model.hidden = 64
+    config.model.layers = 2
+    config.model.heads = 2
+    config.model.mlp = 128
+    config.model.pool = "mean"  # sentence vector: "mean" of the final states | "cls" (pooler)
+
+    config.methods = ("maml", "reptile", "multitask")
+    config.ways = 5
+    config.shots = 5  # meta-training support shots
+    config.queries = 5
+    config.meta_batch_size = 4
+    config.num_steps = 1200
+    config.num_inner_steps = 1
+    config.inner_lr = 0.03
+    config.head_init = "proto"  # the head at the start of every task: "proto" | "zero" | "learned"
+    config.outer_lr = 1e-3
+    config.outer_clip = 1.0
+    config.warmup_steps = 100
+    # Per-method overrides of the fields above (nested fields update recursively). Equal
+    # compute: a second-order MAML step costs about three plain forward/backward passes over
+    # the same examples, so the multi-task baseline gets 3x the steps.
+    config.overrides = ml_collections.ConfigDict(
+        {
+            "reptile": {"num_inner_steps": 5, "eval": {"report_steps": 5}},
+            "multitask": {"num_steps": 3600, "outer_lr": 3e-3},
+        }
+    )
+
+    config.num_devices = 1  # meta-batch tasks sharded over this many devices; 0 = all
+    config.log_every = 50
+    config.checkpoint_every = 500
+    config.checkpoints_to_keep = 2
+    config.quiet = False  # no progress bar
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.shots = (1, 5)
+    config.eval.queries = 5
+    config.eval.num_episodes = 600
+    config.eval.steps = (0, 1, 5)  # adaptation steps at test (accuracy-vs-steps plot)
+    # The table's "adapted" column: the steps each method is reported at (meta-learners: the
+    # inner steps they were trained with; set per method in overrides).
+    config.eval.report_steps = 1
+    config.eval.inner_lr = 0.01  # fine-tuning LR for ProtoNet and the baselines
+    config.eval.chunk = 100  # episodes per jitted evaluation call
+    config.eval.batch = 25  # episodes adapted in parallel
+    config.eval.seed = 1000
+
+    config.languages = ml_collections.ConfigDict()  # CLDR and Tatoeba: split by language
+    config.languages.min_cldr_terms = 800  # CLDR languages with >= this many terms (127)
+    config.languages.num_test = 25  # held-out languages (meta-test)
+    config.languages.split_seed = 0
+    config.clinc = ml_collections.ConfigDict()
+    config.clinc.test_domains = ("banking", "credit_cards", "travel")
+    config.fewrel = ml_collections.ConfigDict()
+    config.fewrel.train_domain = "wiki"
+    config.fewrel.test_domain = "nyt"
+    config.smlmt = ml_collections.ConfigDict()
+    config.smlmt.text = "wiki"
+    config.smlmt.max_sentences = 20000
+    return config
+
+
+def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config to a CPU smoke size (seconds per method)."""
+    config.num_steps = 20
+    config.overrides.multitask.num_steps = 20
+    config.overrides.reptile.eval.report_steps = 1
+    config.warmup_steps = 5
+    config.log_every = 5
+    config.checkpoint_every = 10
+    config.meta_batch_size = 2
+    config.model.hidden = 32
+    config.model.mlp = 64
+    config.model.layers = 1
+    config.max_len = min(config.max_len, 24)
+    config.eval.num_episodes = 20
+    config.eval.chunk = 10
+    config.eval.batch = 10
+    config.eval.steps = (0, 1)
+    config.eval.report_steps = 1
+    config.quiet = True
+    return config
+
+
+def parse(arg: str | None, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Applies comma-separated config arguments (``runlocal``)."""
+    for a in (arg or "").split(","):
+        if a == "runlocal":
+            runlocal(config)
+        elif a:
+            raise ValueError(f"unknown config argument {a!r}; valid: 'runlocal'.")
+    return config

@@ -1,0 +1,19 @@
+"""FewRel relations, cross-domain: meta-train on Wikipedia relations, meta-test on NYT ones.
+
+    python -m experiments.fewshot --config experiments/configs/fewrel.py
+    python -m experiments.fewshot --config experiments/configs/fewrel.py:runlocal
+
+Entities are marked in the text ([E1] head [/E1], [E2] tail [/E2]). Needs the FewRel source
+files (METAFLAX_DATA_DIR=../shared/data, or internet).
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+    config = common.base_config()
+    config.name = "fewrel"
+    config.dataset = "fewrel"
+    config.tokenizer = "wordpiece"
+    config.max_len = 64
+    return common.parse(arg, config)

@@ -1,0 +1,470 @@
+"""Task families for :mod:`experiments.fewshot`: data, model, loss and evaluation of each.
+
+A :class:`Family` is everything the trainer needs to meta-train, pretrain and evaluate on one
+kind of task, with meta-train and meta-test tasks disjoint by class or language:
+
+- ``classification``: CLDR language identification, CLINC150 intents, HuffPost headlines,
+  FewRel relations (meta-trained on labeled classes or on self-supervised SMLMT tasks); a BERT
+  encoder and a per-task head set from the support set's class prototypes; accuracy.
+- ``translation``: CLDR term translation and Tatoeba sentences, from a held-out language into
+  English; a character-level encoder-decoder; chrF and BLEU (sacrebleu) of greedy decodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import metaflax as mf
+from metaflax import bert, heads, seq2seq
+from metaflax.data import cldr, families, text_sources
+from metaflax.data.sampler import LabeledTokens, episode_sampler
+from metaflax.data.text import BOS, EOS, CharVocab
+
+CLASSIFICATION = ("cldr", "clinc150", "huffpost", "fewrel")
+TRANSLATION = ("cldr_terms", "tatoeba")
+DATASETS = CLASSIFICATION + TRANSLATION
+
+# adapt(params, support, key, num_steps) -> adapted params, as a method adapts at test time.
+TestAdapt = Callable[[Any, Any, jax.Array, int], Any]
+
+
+class Family(NamedTuple):
+    """One task family, as the trainer sees it.
+
+    Attributes:
+      metrics: per-episode metrics reported, the first one in the results table.
+      loss_fn: ``loss_fn(params, batch, key) -> (loss, metrics)``; its metrics include
+        ``metrics[0]``-like training numbers (``accuracy`` or ``token_accuracy``).
+      params: initial parameters of the per-task model (meta-learning and ``scratch``).
+      task_init: ``task_init(params, support)`` at the start of every task, or None.
+      meta_batch: ``meta_batch(seed, step, num_tasks) -> Episode`` of meta-training tasks.
+      multitask_params / multitask_batch: the non-meta baseline's model and its batches
+        ``(seed, step) -> batch`` of ``examples_per_step`` pooled meta-training examples; None
+        when the family has no labeled meta-training data.
+      to_task_params: turns pretrained baseline parameters into per-task ones (e.g. a fresh head).
+      evaluate: ``evaluate(adapt, params, shots, steps, cfg) -> {metric: [episodes, steps]}`` on
+        meta-test tasks, the same episodes for every method.
+      info: sizes, for the report.
+    """
+
+    metrics: tuple[str, ...]
+    loss_fn: Callable
+    params: Any
+    task_init: Callable | None
+    baseline_init: Callable | None
+    meta_batch: Callable
+    multitask_params: Any
+    multitask_batch: Callable | None
+    examples_per_step: int
+    to_task_params: Callable
+    evaluate: Callable
+    info: dict
+
+
+def make_family(config, tokenizer=None) -> Family:
+    """The :class:`Family` of ``config.dataset``."""
+    if config.dataset in CLASSIFICATION:
+        return classification_family(config, tokenizer)
+    if config.dataset in TRANSLATION:
+        return translation_family(config)
+    raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
+
+
+def _data_dir(config) -> str | None:
+    return config.data_dir or os.environ.get("METAFLAX_DATA_DIR")
+
+
+def _split_languages(languages, config):
+    train, _, test = cldr.language_split(
+        languages, config.languages.num_test, 0, seed=config.languages.split_seed
+    )
+    return train, test
+
+
+def _chunks(config, sample: Callable[[int], Any]):
+    """Meta-test episodes in jitted chunks: ``sample(i)`` is chunk ``i``."""
+    num = -(-config.eval.num_episodes // config.eval.chunk)
+    return [(i, sample(i)) for i in range(num)]
+
+
+def check_counts(tokens: LabeledTokens, need: int, split: str, ways: int) -> None:
+    """Every class of ``tokens`` has >= ``need`` examples, and there are >= ``ways`` classes."""
+    counts = np.bincount(tokens.labels, minlength=len(tokens.class_names))
+    small = np.flatnonzero(counts < need)
+    if len(small):
+        worst = int(np.argmin(counts))
+        raise ValueError(
+            f"{len(small)} {split} classes have fewer than shots+queries={need} examples "
+            f"(smallest: {tokens.class_names[worst]!r} with {counts[worst]}); lower shots or "
+            "queries."
+        )
+    if len(counts) < ways:
+        raise ValueError(f"{split} has {len(counts)} classes, fewer than ways={ways}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification.
+
+
+def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``(train_texts, train_labels, test_texts, test_labels)``, disjoint classes."""
+    from metaflax.data import builders
+
+    name = config.dataset
+    if name == "cldr":
+        train_langs, test_langs = _split_languages(
+            sorted(cldr.cldr_terms(config.languages.min_cldr_terms)), config
+        )
+        out = []
+        for langs in (train_langs, test_langs):
+            texts, labels, names = cldr.language_id_examples(langs)
+            out += [texts, [names[i] for i in labels]]
+        return tuple(out)
+    src = _data_dir(config)
+    if name == "clinc150":
+        records = [
+            r
+            for split in ("train", "val", "test")
+            for r in builders.data_source("clinc150", split, source_dir=src)
+        ]
+        texts, labels = text_sources.records_to_texts(records, "text", "intent")
+        domains = [text_sources._text(r["domain"]) for r in records]
+        groups = text_sources.classes_by_group(labels, domains)
+        unknown = sorted(set(config.clinc.test_domains) - set(groups))
+        if unknown:
+            raise ValueError(f"unknown CLINC150 domains {unknown}; valid: {sorted(groups)}.")
+        test_classes = {c for d in config.clinc.test_domains for c in groups[d]}
+    elif name == "huffpost":
+        records = list(builders.data_source("huffpost", "train", source_dir=src))
+        texts, labels = text_sources.records_to_texts(records, "text", "label")
+        test_classes = {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["test"]}
+        keep_classes = test_classes | {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["train"]}
+        keep = [i for i, c in enumerate(labels) if c in keep_classes]  # meta-val classes unused
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    else:  # fewrel
+        texts, labels = [], []
+        for domain in (config.fewrel.train_domain, config.fewrel.test_domain):
+            for r in builders.data_source("fewrel", domain, source_dir=src):
+                texts.append(_mark_entities(r))
+                labels.append(f"{domain}/{text_sources._text(r['relation'])}")
+        test_classes = {c for c in labels if c.startswith(config.fewrel.test_domain + "/")}
+    split = [[], [], [], []]
+    for text, label in zip(texts, labels, strict=True):
+        k = 2 if label in test_classes else 0
+        split[k].append(text)
+        split[k + 1].append(label)
+    return tuple(split)
+
+
+def _mark_entities(record) -> str:
+    """A FewRel sentence with its head and tail entities marked (``[E1] .. [/E1]``)."""
+    tokens = [text_sources._text(t) for t in record["tokens"]]
+    (h0, h1), (t0, t1) = record["head"], record["tail"]
+    out = []
+    for i, tok in enumerate(tokens):
+        out += ["[E1]"] * (i == h0) + ["[E2]"] * (i == t0) + [tok]
+        out += ["[/E1]"] * (i == h1) + ["[/E2]"] * (i == t1)
+    return " ".join(out)
+
+
+def _char_tokens(vocab: CharVocab, texts, labels, max_len) -> LabeledTokens:
+    ids, mask = vocab.encode(list(texts), max_len, bos_eos=True)  # BOS plays BERT's [CLS]
+    class_names = tuple(sorted(set(labels)))
+    index = {c: i for i, c in enumerate(class_names)}
+    return LabeledTokens(ids, mask, np.array([index[c] for c in labels], np.int32), class_names)
+
+
+def _tokenizer(config, fit_texts, tokenizer):
+    """``(encode(texts, labels) -> LabeledTokens, tokenizer, vocab_size)``, fit on meta-train."""
+    if config.tokenizer == "char":
+        vocab = CharVocab.build(fit_texts)
+        return (lambda t, y: _char_tokens(vocab, t, y, config.max_len)), vocab, len(vocab)
+    if config.tokenizer == "wordpiece":
+        tokenizer = text_sources.train_wordpiece(fit_texts, config.wordpiece_vocab)
+    elif config.tokenizer != "hf":
+        raise ValueError(f"tokenizer={config.tokenizer!r}; valid: 'char', 'wordpiece', 'hf'.")
+
+    def encode(texts, labels):
+        return text_sources.tokenize_labeled(texts, labels, tokenizer, config.max_len)
+
+    return encode, tokenizer, len(tokenizer)
+
+
+def make_encoder(config, vocab_size: int):
+    """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``."""
+    if config.model.hf_path:
+        pretrained = bert.from_pretrained(config.model.hf_path, seed=config.seed)
+        apply_fn, params = mf.functionalize(pretrained.encoder)
+        hidden = pretrained.config.hidden_size
+    else:
+        cfg = bert.BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=config.model.hidden,
+            num_hidden_layers=config.model.layers,
+            num_attention_heads=config.model.heads,
+            intermediate_size=config.model.mlp,
+            max_position_embeddings=config.max_len,
+            pre_ln=True,
+        )
+        apply_fn, params = mf.functionalize(bert.BertEncoder(cfg, rngs=nnx.Rngs(config.seed)))
+        hidden = cfg.hidden_size
+    if config.model.pool == "cls":  # BERT's pooler on the first token
+        return (lambda p, tokens, mask: apply_fn(p, tokens, mask)), params, hidden
+    if config.model.pool != "mean":
+        raise ValueError(f"model.pool={config.model.pool!r}; valid: 'cls', 'mean'.")
+
+    def encode_fn(p, tokens, mask):  # mean of the final hidden states over real tokens
+        seq, _ = apply_fn(p, tokens, mask)
+        weights = mask.astype(seq.dtype)[..., None]
+        return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+
+    return encode_fn, params, hidden
+
+
+def classification_family(config, tokenizer=None) -> Family:
+    """Few-shot classification on classes never seen in meta-training; accuracy."""
+    train_texts, train_labels, test_texts, test_labels = labeled_texts(config)
+    unlabeled = None
+    if config.meta_train_on == "smlmt":
+        from metaflax.data import builders
+
+        if config.tokenizer == "char":
+            raise ValueError("SMLMT masks words: use tokenizer='wordpiece' or 'hf', not 'char'.")
+        source = builders.data_source(
+            "unlabeled_text", config.smlmt.text, source_dir=_data_dir(config)
+        )
+        unlabeled = [text_sources._text(r["text"]) for r in source][: config.smlmt.max_sentences]
+    elif config.meta_train_on != "classes":
+        raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
+    encode, tokenizer, vocab_size = _tokenizer(
+        config, unlabeled if unlabeled is not None else train_texts, tokenizer
+    )
+    test = encode(test_texts, test_labels)
+    check_counts(test, max(config.eval.shots) + config.eval.queries, "meta-test", config.ways)
+    if unlabeled is not None:
+        train = None
+        sampler = families.smlmt_sampler(
+            unlabeled,
+            tokenizer,
+            ways=config.ways,
+            shots=config.shots,
+            queries=config.queries,
+            max_len=config.max_len,
+        )
+    else:
+        train = encode(train_texts, train_labels)
+        check_counts(train, config.shots + config.queries, "meta-train", config.ways)
+        sampler = episode_sampler(
+            train, ways=config.ways, shots=config.shots, queries=config.queries
+        )
+
+    encode_fn, encoder_params, hidden = make_encoder(config, vocab_size)
+    loss_fn = heads.classification_loss_fn(encode_fn)
+    ways = config.ways
+    per_step = config.meta_batch_size * ways * (config.shots + config.queries)  # same examples
+
+    def multitask_batch(seed, step):
+        rows = np.random.default_rng([seed, step]).choice(len(train.labels), per_step, False)
+        return {"tokens": train.tokens[rows], "mask": train.mask[rows], "label": train.labels[rows]}
+
+    def to_task_params(params):  # the pretraining head is replaced by a ways-sized one
+        return heads.init_classifier(params["encoder"], hidden, ways)
+
+    def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
+        test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
+
+        @jax.jit
+        def run(params, episodes, key):
+            def one(episode, k):
+                return jnp.stack(
+                    [
+                        loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1][
+                            "accuracy"
+                        ]
+                        for n in steps
+                    ]
+                )
+
+            n = jax.tree.leaves(episodes)[0].shape[0]
+            keys = jax.random.split(key, n)
+            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
+
+        out = [
+            np.asarray(run(params, eps, jax.random.key(cfg.eval.seed + i)))
+            for i, eps in _chunks(
+                cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+            )
+        ]
+        return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
+
+    return Family(
+        metrics=("accuracy",),
+        loss_fn=loss_fn,
+        params=heads.init_classifier(encoder_params, hidden, ways),
+        task_init=heads.classifier_task_init(encode_fn, config.head_init, ways),
+        baseline_init=heads.classifier_task_init(encode_fn, "proto", ways),
+        meta_batch=sampler.meta_batch,
+        multitask_params=None
+        if train is None
+        else heads.init_classifier(encoder_params, hidden, len(train.class_names)),
+        multitask_batch=None if train is None else multitask_batch,
+        examples_per_step=per_step,
+        to_task_params=to_task_params,
+        evaluate=evaluate,
+        info={
+            "meta_train_classes": 0 if train is None else len(train.class_names),
+            "meta_test_classes": len(test.class_names),
+            "test_class_names": list(test.class_names),
+            "vocab_size": vocab_size,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Translation: a held-out language into English.
+
+
+def translation_pairs(config) -> tuple[dict, dict]:
+    """``({language: [(source, english)]}, ...)`` for meta-train and meta-test languages."""
+    if config.dataset == "cldr_terms":
+        languages = [
+            lang
+            for lang in sorted(cldr.cldr_terms(config.languages.min_cldr_terms))
+            if lang != "en"
+        ]
+        pairs = {lang: [(b, a) for a, b in cldr.translation_pairs(lang)] for lang in languages}
+    else:  # tatoeba
+        from metaflax.data import builders
+
+        pairs: dict[str, list] = {}
+        for r in builders.data_source("tatoeba", "train", source_dir=_data_dir(config)):
+            pairs.setdefault(text_sources._text(r["language"]), []).append(
+                (text_sources._text(r["source"]), text_sources._text(r["english"]))
+            )
+        need = max(config.shots, max(config.eval.shots)) + max(config.queries, config.eval.queries)
+        pairs = {k: v for k, v in pairs.items() if len(v) >= need}
+    train_langs, test_langs = _split_languages(sorted(pairs), config)
+    return {k: pairs[k] for k in train_langs}, {k: pairs[k] for k in test_langs}
+
+
+def translation_family(config) -> Family:
+    """Few-shot translation from languages never seen in meta-training; chrF and BLEU."""
+    train_pairs, test_pairs = translation_pairs(config)
+    vocab = CharVocab.build(t for p in train_pairs.values() for pair in p for t in pair)
+    src_len, tgt_len = config.max_len, config.max_len + 2
+
+    def enc_src(xs):
+        return vocab.encode(xs, src_len)
+
+    def enc_tgt(xs):
+        return vocab.encode(xs, tgt_len, bos_eos=True)
+
+    sampler = families.translation_sampler(
+        train_pairs, enc_src, enc_tgt, shots=config.shots, queries=config.queries
+    )
+    model = seq2seq.Seq2Seq(
+        len(vocab),
+        max_len=tgt_len,
+        dim=config.model.hidden,
+        num_layers=config.model.layers,
+        num_heads=config.model.heads,
+        mlp_dim=config.model.mlp,
+        rngs=nnx.Rngs(config.seed),
+    )
+    apply_fn, params = mf.functionalize(model)
+    loss_fn = seq2seq.seq2seq_loss_fn(apply_fn)
+    pooled = [pair for p in train_pairs.values() for pair in p]
+    pooled_src, pooled_src_mask = enc_src([a for a, _ in pooled])
+    pooled_tgt, pooled_tgt_mask = enc_tgt([b for _, b in pooled])
+    per_step = config.meta_batch_size * (config.shots + config.queries)
+
+    def multitask_batch(seed, step):
+        rows = np.random.default_rng([seed, step]).choice(len(pooled), per_step, False)
+        return {
+            "src": pooled_src[rows],
+            "src_mask": pooled_src_mask[rows],
+            "tgt": pooled_tgt[rows],
+            "tgt_mask": pooled_tgt_mask[rows],
+        }
+
+    def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
+        test_sampler = families.translation_sampler(
+            test_pairs, enc_src, enc_tgt, shots=shots, queries=cfg.eval.queries
+        )
+
+        @jax.jit
+        def run(params, episodes, key):
+            def one(episode, k):
+                q = episode.query
+                return jnp.stack(
+                    [
+                        seq2seq.greedy_decode(
+                            apply_fn,
+                            adapt(params, episode.support, k, n),
+                            q["src"],
+                            q["src_mask"],
+                            bos_id=BOS,
+                            eos_id=EOS,
+                            max_len=tgt_len,
+                        )
+                        for n in steps
+                    ]
+                )
+
+            n = jax.tree.leaves(episodes)[0].shape[0]
+            keys = jax.random.split(key, n)
+            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
+
+        scores = {"chrf": [], "bleu": []}
+        for i, eps in _chunks(
+            cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+        ):
+            decoded = np.asarray(run(params, eps, jax.random.key(cfg.eval.seed + i)))
+            for e in range(decoded.shape[0]):  # [episodes, steps, queries, len]
+                refs = [vocab.decode(t) for t in eps.query["tgt"][e]]
+                per_steps = [
+                    seq2seq.translation_metrics([vocab.decode(t) for t in decoded[e, j]], refs)
+                    for j in range(len(steps))
+                ]
+                for m in scores:
+                    scores[m].append([s[m] / 100 for s in per_steps])
+        return {m: np.asarray(v)[: cfg.eval.num_episodes] for m, v in scores.items()}
+
+    return Family(
+        metrics=("chrf", "bleu"),
+        loss_fn=loss_fn,
+        params=params,
+        task_init=None,
+        baseline_init=None,
+        meta_batch=sampler.meta_batch,
+        multitask_params=params,
+        multitask_batch=multitask_batch,
+        examples_per_step=per_step,
+        to_task_params=lambda p: p,
+        evaluate=evaluate,
+        info={
+            "meta_train_languages": sorted(train_pairs),
+            "meta_test_languages": sorted(test_pairs),
+            "vocab_size": len(vocab),
+        },
+    )
+
+
+def fine_tune_adapt(loss_fn, lr: float, task_init) -> TestAdapt:
+    """The baselines' test-time adaptation: ``task_init`` then SGD steps on the support set."""
+
+    def adapt(params, support, key, num_steps):
+        if num_steps == 0:
+            return params if task_init is None else task_init(params, support)
+        fn = mf.make_adapt_fn(loss_fn, optax.sgd(lr), num_steps, task_init=task_init)
+        return fn(params, support, key)[0]
+
+    return adapt

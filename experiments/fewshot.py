@@ -1,0 +1,477 @@
+"""Meta-pretraining for few-shot text classification, with baselines, resumable runs and reports.
+
+One trainer for every classification task family (CLDR language identification, CLINC150,
+HuffPost, FewRel; meta-training on labeled classes or on self-supervised SMLMT tasks). Methods:
+MAML, FOMAML, Reptile, Meta-SGD, LSLR, ANIL, ProtoNet, and two non-meta baselines with the same
+model, data and number of steps: multi-task pretraining (one softmax over every meta-training
+class) and no pretraining (``scratch``). Every method is evaluated the same way on classes never
+seen in meta-training: a fresh head from the support set's class prototypes, then ``n`` SGD steps
+on the support set (meta-learned methods use their own learned adaptation), accuracy on the
+query set, mean +- 95% CI over the test episodes.
+
+    python -m experiments.fewshot --config experiments/configs/cldr.py --workdir workdirs/cldr
+
+Writes ``results.json``, ``results.md``, ``accuracy_vs_steps.png``, ``training_curves.png``,
+TensorBoard event files (``tb/<method>``) and ``config.json`` to the workdir. Rerunning the same
+command resumes from the latest good orbax checkpoint (``checkpoints/<method>``); finished
+methods are not retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import metaflax as mf
+from experiments.families import DATASETS, TRANSLATION, Family, fine_tune_adapt, make_family
+from metaflax.data import text_sources
+
+META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
+BASELINES = ("multitask", "scratch")
+METHODS = META_METHODS + BASELINES
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "cldr.py")
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Outputs and checkpoints (default workdirs/<name>)."
+)
+
+
+def _num_devices(config) -> int:
+    available = jax.device_count()
+    n = config.num_devices or available
+    if n > available:
+        raise ValueError(f"num_devices={n} but only {available} devices exist; lower it.")
+    return n
+
+
+def check_config(config) -> None:
+    """Fails early, naming the fix, on settings that cannot work (before loading any data)."""
+    bad = [m for m in config.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}.")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
+    if config.dataset in TRANSLATION and {"protonet", "anil"} & set(config.methods):
+        raise ValueError("protonet and anil need a classifier head; drop them for translation.")
+    if config.meta_train_on == "smlmt" and "multitask" in config.methods:
+        raise ValueError(
+            "'multitask' needs labeled meta-training classes (meta_train_on='classes')."
+        )
+    devices = _num_devices(config)
+    if config.meta_batch_size % devices:
+        raise ValueError(
+            f"meta_batch_size={config.meta_batch_size} must be divisible by num_devices="
+            f"{devices} (tasks are split evenly across devices); change either."
+        )
+    if config.tokenizer == "hf" and not config.model.hf_path:
+        raise ValueError(
+            "tokenizer='hf' uses the tokenizer of an HF model directory: pass "
+            "--config.model.hf_path=/path/to/bert (config.json, model.safetensors, vocab)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods.
+
+
+def _method_config(config, method):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.update(config.overrides.to_dict().get(method, {}))
+    return cfg
+
+
+def _outer_tx(cfg):
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.outer_lr, min(cfg.warmup_steps, cfg.num_steps // 2 + 1), max(cfg.num_steps, 2)
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.outer_clip), optax.adam(lr))
+
+
+def make_algorithm(method: str, loss_fn, task_init, cfg) -> mf.MetaAlgorithm:
+    """The meta-learning algorithm of ``method`` (not the baselines), from its config."""
+    inner = optax.sgd(cfg.inner_lr)
+    common = dict(outer_tx=_outer_tx(cfg), task_init=task_init)
+    steps = cfg.num_inner_steps
+    if method in ("maml", "fomaml"):
+        return mf.maml(
+            loss_fn, inner_tx=inner, num_inner_steps=steps, first_order=method == "fomaml", **common
+        )
+    if method == "anil":
+        return mf.maml(
+            loss_fn,
+            inner_tx=inner,
+            num_inner_steps=steps,
+            adapt_mask=mf.path_filter("head"),
+            **common,
+        )
+    if method == "reptile":
+        return mf.reptile(loss_fn, inner_tx=inner, num_inner_steps=steps, **common)
+    if method in ("meta_sgd", "lslr"):
+        factory = mf.meta_sgd if method == "meta_sgd" else mf.lslr
+        return factory(loss_fn, init_lr=cfg.inner_lr, num_inner_steps=steps, **common)
+    if method == "protonet":
+        return mf.protonet(loss_fn, **common)
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}.")
+
+
+def _base_params(method: str, meta_params):
+    """The model parameters inside the meta-parameters (Meta-SGD/LSLR also hold inner LRs)."""
+    return meta_params["params"] if method in ("meta_sgd", "lslr") else meta_params
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: orbax, async, validated on restore.
+
+
+def _manager(directory: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+    )
+
+
+def _save(mngr, step: int, state, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
+
+
+def restore_latest(directory: str, abstract_state, keep: int):
+    """``(mngr, state, meta)`` from the newest checkpoint that restores and is finite.
+
+    A corrupted or half-written step is reported and moved aside to ``<directory>.corrupt/``
+    (nothing is deleted), and the previous step is tried. ``state`` is None when there is none.
+    """
+    import orbax.checkpoint as ocp
+
+    mngr = _manager(directory, keep)
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+            state, meta = restored["state"], restored["meta"]
+            leaves = jax.tree.leaves(state)
+            if (
+                meta is None
+                or meta.get("step") != step
+                or not all(
+                    np.isfinite(np.asarray(x)).all()
+                    for x in leaves
+                    if jnp.issubdtype(x.dtype, jnp.floating)
+                )
+            ):
+                raise ValueError("metadata missing or mismatched, or non-finite parameters")
+            return mngr, state, meta
+        except Exception as e:  # orbax raises assorted errors for damaged steps
+            aside = os.path.join(directory + ".corrupt", f"{step}-{int(time.time())}")
+            print(
+                f"checkpoint step {step} in {directory} is unreadable ({type(e).__name__}: "
+                f"{str(e)[:200]}); moved to {aside}, trying the previous one.",
+                file=sys.stderr,
+            )
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(directory, str(step)), aside)
+            mngr.close()
+            mngr = _manager(directory, keep)
+    return mngr, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def _multitask_step(loss_fn, tx):
+    """One plain (non-meta) training step on pooled examples, NaN-guarded like ``alg.step``."""
+
+    def step(state, batch, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.meta_params, batch, key
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.meta_params)
+        new = mf.MetaState(
+            optax.apply_updates(state.meta_params, updates), opt_state, state.step + 1
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {f"query_{k}": v for k, v in metrics.items()}
+        return new, {"loss": loss, **metrics, "finite": finite, "step": state.step}
+
+    return step
+
+
+def train_method(method: str, cfg, family: Family, workdir: str):
+    """Meta-trains (or pretrains) one method, resuming from its latest good checkpoint.
+
+    Returns ``(params, curve, seconds)`` with ``params`` ready for test-time adaptation;
+    ``scratch`` returns the initial parameters untrained.
+    """
+    if method == "scratch":
+        return family.params, [], 0.0
+    if method == "multitask":
+        params, tx = family.multitask_params, _outer_tx(cfg)
+        step_fn = jax.jit(_multitask_step(family.loss_fn, tx), donate_argnums=0)
+        def init(p):  # a copy: the jitted step donates the state
+            p = jax.tree.map(jnp.array, p)
+            return mf.MetaState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+        batch_at = lambda step: family.multitask_batch(cfg.seed, step)  # noqa: E731
+        unit, per_step = "ex", family.examples_per_step
+    else:
+        alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
+        params = family.params
+        step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
+        if _num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
+            mesh = mf.sharding.make_mesh(tasks=_num_devices(cfg))
+            learner = mf.sharding.shard(alg, mesh, params)
+            step_fn, init, put = learner.step, learner.init, learner.shard_episodes
+        batch_at = lambda step: put(  # noqa: E731
+            family.meta_batch(cfg.seed, step, cfg.meta_batch_size)
+        )
+        unit, per_step = "tasks", cfg.meta_batch_size
+
+    ckpt_dir = os.path.join(workdir, "checkpoints", method)
+    mngr, state, meta = restore_latest(
+        ckpt_dir, jax.eval_shape(init, params), cfg.checkpoints_to_keep
+    )
+    if state is None:
+        state, meta = init(params), {"step": 0, "curve": [], "seconds": 0.0}
+    else:
+        print(f"{method}: resumed from step {meta['step']} ({ckpt_dir})")
+    curve, seconds, step = meta["curve"], meta["seconds"], int(meta["step"])
+    base_key = jax.random.key(cfg.seed)  # step keys are fold_in(base_key, step): resumable
+    writer = _tensorboard(workdir, method)
+    train_metric = "query_" + ("accuracy" if family.metrics[0] == "accuracy" else "token_accuracy")
+    pending, start, first = [], time.perf_counter(), step
+    with tqdm(
+        total=cfg.num_steps, initial=step, desc=method, unit="step", disable=cfg.quiet
+    ) as bar:
+        while step < cfg.num_steps:
+            state, metrics = step_fn(state, batch_at(step), jax.random.fold_in(base_key, step))
+            pending.append(metrics)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                logged, pending = jax.device_get(pending), []  # also syncs the device
+                for m in logged:
+                    _check_finite(m, method, mngr)
+                loss = float(np.mean([m["loss"] for m in logged]))
+                acc = float(np.mean([m[train_metric] for m in logged]))
+                curve.append([step, loss, acc])
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar(f"train/{train_metric}", acc, step)
+                rate = per_step * (step - first) / (time.perf_counter() - start)
+                writer.add_scalar(f"train/{unit}_per_second", rate, step)
+                bar.set_postfix_str(
+                    f"loss={loss:.3f} {train_metric}={acc:.3f} {unit}/s={rate:.0f}", refresh=False
+                )
+                bar.update(step - bar.n)
+            if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+                meta = {
+                    "step": step,
+                    "curve": curve,
+                    "seconds": seconds + time.perf_counter() - start,
+                }
+                _save(mngr, step, state, meta)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return state.meta_params, curve, meta["seconds"]
+
+
+def _check_finite(metrics, method, mngr) -> None:
+    if not bool(metrics["finite"]):
+        mngr.wait_until_finished()
+        last = mngr.latest_step()
+        raise FloatingPointError(
+            f"{method}: non-finite loss or gradient at step {int(metrics['step'])} "
+            f"(loss={float(metrics['loss'])}); stopped. The last good checkpoint "
+            f"(step {last}) is kept in {mngr.directory}. Lower inner_lr / outer_lr."
+        )
+
+
+def _tensorboard(workdir: str, method: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tb", method))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on meta-test classes / languages.
+
+
+def make_test_adapt(method: str, cfg, family: Family):
+    """``adapt(params, support, key, num_steps) -> params`` as each method adapts at test time.
+
+    Meta-learned methods use their own adaptation (learned inner LRs, ANIL's head-only updates);
+    ProtoNet and the baselines fine-tune everything with SGD at ``eval.inner_lr`` (from the
+    prototype head, for classification). ``num_steps=0`` is no gradient step at all.
+    """
+    if method in ("protonet", *BASELINES):
+        return fine_tune_adapt(family.loss_fn, cfg.eval.inner_lr, family.baseline_init)
+    alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
+
+    def adapt(params, support, key, num_steps):
+        if num_steps == 0:
+            params = _base_params(method, params)
+            return params if family.task_init is None else family.task_init(params, support)
+        return alg.adapt(params, support, key, num_steps=num_steps)[0]
+
+    return adapt
+
+
+def evaluate(method: str, params, cfg, family: Family) -> dict:
+    """``{"<k>-shot/<n>-step": {metric: {"mean", "ci95"}}}`` on ``eval.num_episodes`` meta-test
+    episodes per shots setting (the same episodes for every method)."""
+    if method in BASELINES:
+        params = family.to_task_params(params)
+    adapt = make_test_adapt(method, cfg, family)
+    out = {}
+    for shots in cfg.eval.shots:
+        scores = family.evaluate(adapt, params, shots, tuple(cfg.eval.steps), cfg)
+        for j, n in enumerate(cfg.eval.steps):
+            out[f"{shots}-shot/{n}-step"] = {
+                m: dict(zip(("mean", "ci95"), mf.mean_ci95(v[:, j]), strict=True))
+                for m, v in scores.items()
+            }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains every configured method, evaluates it on held-out tasks, writes the reports."""
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    tokenizer = None
+    if config.tokenizer == "hf":
+        tokenizer = text_sources.load_tokenizer(config.model.hf_path)
+    family = make_family(config, tokenizer)
+
+    results = {"config": config.to_dict(), "data": family.info, "methods": {}}
+    for method in config.methods:
+        done = os.path.join(workdir, "methods", f"{method}.json")
+        if os.path.exists(done):  # finished in an earlier run of the same command
+            with open(done) as f:
+                results["methods"][method] = json.load(f)
+            continue
+        cfg = _method_config(config, method)
+        params, curve, seconds = train_method(method, cfg, family, workdir)
+        entry = {
+            "train_seconds": seconds,
+            "train_curve": curve,
+            "report_steps": cfg.eval.report_steps,
+            "scores": evaluate(method, params, cfg, family),
+        }
+        os.makedirs(os.path.dirname(done), exist_ok=True)
+        with open(done, "w") as f:
+            json.dump(entry, f)
+        results["methods"][method] = entry
+
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = results_table(results, config, family.metrics[0])
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    _plot(results, config, family.metrics[0], workdir)
+    print(table)
+    print(f"\nwrote results.json, results.md and PNG plots to {workdir}")
+    return results
+
+
+def results_table(results: dict, config, metric: str) -> str:
+    """Markdown: one row per method; per shots, ``metric`` before adaptation (0 steps: for
+    classification the prototype head) and after the method's ``eval.report_steps`` steps
+    (mean +- 95% CI over test episodes, in %)."""
+    shots = config.eval.shots
+    head = f"| method ({metric}, {config.eval.num_episodes} test episodes) | "
+    head += " | ".join(f"{k}-shot, 0 steps | {k}-shot, adapted" for k in shots)
+    lines = [head + " | adapt steps | train s |", "|---" * (2 * len(shots) + 3) + "|"]
+    for name, entry in results["methods"].items():
+        cells = []
+        for k in shots:
+            for n in (0, entry["report_steps"]):
+                c = entry["scores"][f"{k}-shot/{n}-step"][metric]
+                cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {entry['report_steps']} | {entry['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(results, config, metric: str, workdir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots, steps = config.eval.shots, config.eval.steps
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], shots, strict=True):
+        for name, entry in results["methods"].items():
+            s = [entry["scores"][f"{k}-shot/{n}-step"][metric] for n in steps]
+            mean, ci = (100 * np.array([x[f] for x in s]) for f in ("mean", "ci95"))
+            ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, label=name)
+        ax.set(
+            xlabel="adaptation steps at test",
+            ylabel=f"query {metric} (%)",
+            title=f"{config.dataset}: {k}-shot",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, f"{metric}_vs_steps.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, entry in results["methods"].items():
+        if entry["train_curve"]:
+            x, loss, acc = zip(*entry["train_curve"], strict=True)
+            axes[0].plot(x, loss, label=name)
+            axes[1].plot(x, np.asarray(acc) * 100, label=name)
+    axes[0].set(xlabel="step", ylabel="training loss (query, after adaptation)")
+    axes[1].set(xlabel="step", ylabel="training query accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "training_curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    warnings.filterwarnings("ignore", message=".*fewer than shots.*")
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
+    train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,186 @@
+"""The few-shot meta-pretraining pipeline: end to end at smoke size, resumption, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metaflax as mf
+from experiments import fewshot
+from experiments.configs import cldr as cldr_config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _config(**overrides):
+    config = cldr_config.get_config("runlocal")
+    config.languages.min_cldr_terms = 900  # fewer languages: faster to tokenize
+    config.languages.num_test = 8
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+def test_pipeline_end_to_end(tmp_path):
+    config = _config(methods=("maml", "protonet", "multitask", "scratch"), num_devices=2)
+    results = fewshot.train_and_evaluate(config, str(tmp_path))
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["methods"]) == ["maml", "protonet", "multitask", "scratch"]
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in saved["methods"])
+    for png in ("accuracy_vs_steps.png", "training_curves.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    events = [f for _, _, fs in os.walk(tmp_path / "tb" / "maml") for f in fs]
+    assert any(f.startswith("events.out.tfevents") for f in events)
+    # Disjoint meta-train / meta-test languages.
+    assert saved["data"]["meta_test_classes"] == 8
+    # 0 steps = the prototype classifier: for ProtoNet and scratch, the same as nearest-centroid
+    # on the encoder's features, so above chance on every method (chance = 20%).
+    for m in saved["methods"].values():
+        assert m["scores"]["5-shot/0-step"]["accuracy"]["mean"] > 0.25
+    # Meta-training learned something: MAML's training query accuracy went up.
+    curve = np.asarray(results["methods"]["maml"]["train_curve"])
+    assert curve[-1, 2] > curve[0, 2]
+    # Rerunning the same command does not retrain finished methods: same numbers, instantly.
+    start = time.perf_counter()
+    again = fewshot.train_and_evaluate(config, str(tmp_path))
+    assert again["methods"] == saved["methods"]
+    assert time.perf_counter() - start < 30
+
+
+def test_protonet_head_is_nearest_centroid():
+    """The proto head's softmax is ProtoNet's softmax over negative squared distances."""
+    from metaflax import heads
+
+    feats = jax.random.normal(jax.random.key(0), (12, 6))
+    labels = jnp.arange(12) % 3
+    encode_fn = lambda p, tokens, mask: (None, feats[tokens[:, 0]])  # noqa: E731
+    support = {"tokens": jnp.arange(12)[:, None], "mask": jnp.ones((12, 1), bool), "label": labels}
+    init = heads.classifier_task_init(encode_fn, "proto", 3)
+    params = init(heads.init_classifier({}, 6, 3), support)
+    protos = jnp.stack([feats[labels == c].mean(0) for c in range(3)])
+    logits = feats @ params["head"]["kernel"] + params["head"]["bias"][None]
+    dist = -jnp.sum((feats[:, None] - protos[None]) ** 2, -1)
+    np.testing.assert_allclose(jax.nn.softmax(logits), jax.nn.softmax(dist), rtol=1e-5, atol=1e-6)
+    # ...and mf.protonet's meta-gradient is the gradient of that query loss.
+    loss_fn = heads.classification_loss_fn(
+        lambda p, tokens, mask: (None, feats[tokens[:, 0]] * p["scale"])
+    )
+    alg = mf.protonet(loss_fn, task_init=init, outer_tx=optax.sgd(1.0))
+    meta = heads.init_classifier({"scale": jnp.array(1.5)}, 6, 3)
+    episodes = jax.tree.map(lambda x: x[None], mf.Episode(support, support))
+    grads, _ = alg.meta_grad(meta, episodes, jax.random.key(0))
+
+    def direct(scale):
+        p = {**meta, "encoder": {"scale": scale}}
+        return loss_fn(init(p, support), support, None)[0]
+
+    np.testing.assert_allclose(grads["encoder"]["scale"], jax.grad(direct)(1.5), rtol=1e-5)
+
+
+def _cli(workdir, *flags_):
+    return [
+        sys.executable,
+        "-m",
+        "experiments.fewshot",
+        "--config",
+        "experiments/configs/cldr.py:runlocal",
+        "--workdir",
+        str(workdir),
+        "--config.methods=('maml',)",
+        "--config.languages.min_cldr_terms=900",
+        "--config.languages.num_test=8",
+        "--config.num_steps=40",
+        "--config.checkpoint_every=10",
+        *flags_,
+    ]
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    full = tmp_path / "full"
+    subprocess.run(_cli(full), cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = killed / "checkpoints" / "maml"
+    deadline = time.time() + 240
+    while not (ckpt / "10").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+
+    out = subprocess.run(
+        _cli(killed), cwd=ROOT, env=env, check=True, timeout=300, capture_output=True, text=True
+    )
+    assert "resumed from step" in out.stdout
+    a = json.loads((full / "results.json").read_text())["methods"]["maml"]
+    b = json.loads((killed / "results.json").read_text())["methods"]["maml"]
+    assert a["scores"] == b["scores"]  # bitwise: floats compare exactly
+    assert a["train_curve"] == b["train_curve"]
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
+    tx = optax.adam(1e-2)
+    params = {"w": jnp.arange(4.0)}
+    state = mf.MetaState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    directory = str(tmp_path / "ckpt")
+    mngr = fewshot._manager(directory, keep=3)
+    for step in (1, 2):
+        state = state._replace(step=jnp.asarray(step, jnp.int32))
+        fewshot._save(mngr, step, state, {"step": step, "curve": [], "seconds": 0.0})
+    mngr.wait_until_finished()
+    mngr.close()
+    # Damage every file of step 2's state and add a half-written (empty) step 3.
+    for root, _, files in os.walk(os.path.join(directory, "2")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+    os.makedirs(os.path.join(directory, "3"))
+
+    abstract = jax.eval_shape(lambda: state)
+    mngr, restored, meta = fewshot.restore_latest(directory, abstract, keep=3)
+    mngr.close()
+    assert meta["step"] == 1 and int(restored.step) == 1
+    np.testing.assert_array_equal(restored.meta_params["w"], params["w"])
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    err = capsys.readouterr().err
+    assert "checkpoint step 2" in err and "moved to" in err
+    aside = os.listdir(directory + ".corrupt")
+    assert sorted(a.split("-")[0] for a in aside) == ["2", "3"]  # kept, not deleted
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = _config(methods=("maml",), inner_lr=1e30, num_steps=10, checkpoint_every=5)
+    with pytest.raises(FloatingPointError, match=r"maml: non-finite loss .* at step \d+"):
+        fewshot.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"methods": ("maml", "mamll")}, r"unknown methods \['mamll'\]; valid: maml, fomaml"),
+        ({"dataset": "imdb"}, r"unknown dataset 'imdb'; valid: cldr, clinc150"),
+        ({"shots": 5000}, r"fewer than shots\+queries=5005 examples .* lower shots"),
+        ({"meta_batch_size": 3, "num_devices": 2}, r"meta_batch_size=3 must be divisible by"),
+        ({"tokenizer": "bpe"}, r"tokenizer='bpe'; valid: 'char', 'wordpiece', 'hf'"),
+    ],
+)
+def test_bad_configs_name_the_fix(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        fewshot.train_and_evaluate(_config(**overrides), str(tmp_path))
