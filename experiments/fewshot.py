@@ -234,6 +234,7 @@ def train_method(method: str, cfg, family: Family, workdir: str):
     if method == "multitask":
         params, tx = family.multitask_params, _outer_tx(cfg)
         step_fn = jax.jit(_multitask_step(family.loss_fn, tx), donate_argnums=0)
+
         def init(p):  # a copy: the jitted step donates the state
             p = jax.tree.map(jnp.array, p)
             return mf.MetaState(p, tx.init(p), jnp.zeros((), jnp.int32))
