@@ -6,6 +6,8 @@ kind of task, with meta-train and meta-test tasks disjoint by class or language:
 - ``classification``: CLDR language identification, CLINC150 intents, HuffPost headlines,
   FewRel relations (meta-trained on labeled classes or on self-supervised SMLMT tasks); a BERT
   encoder and a per-task head set from the support set's class prototypes; accuracy.
+- ``qa``: XQuAD extractive QA, a task is one article in one language, held-out languages at
+  meta-test; a BERT encoder with a start/end span head; token-level exact match and F1.
 - ``translation``: CLDR term translation and Tatoeba sentences, from a held-out language into
   English; a character-level encoder-decoder; chrF and BLEU (sacrebleu) of greedy decodes.
 """
@@ -13,6 +15,7 @@ kind of task, with meta-train and meta-test tasks disjoint by class or language:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +33,8 @@ from metaflax.data.text import BOS, EOS, CharVocab
 
 CLASSIFICATION = ("cldr", "clinc150", "huffpost", "fewrel")
 TRANSLATION = ("cldr_terms", "tatoeba")
-DATASETS = CLASSIFICATION + TRANSLATION
+QA = ("xquad",)
+DATASETS = CLASSIFICATION + TRANSLATION + QA
 
 # adapt(params, support, key, num_steps) -> adapted params, as a method adapts at test time.
 TestAdapt = Callable[[Any, Any, jax.Array, int], Any]
@@ -41,8 +45,8 @@ class Family(NamedTuple):
 
     Attributes:
       metrics: per-episode metrics reported, the first one in the results table.
-      loss_fn: ``loss_fn(params, batch, key) -> (loss, metrics)``; its metrics include
-        ``metrics[0]``-like training numbers (``accuracy`` or ``token_accuracy``).
+      train_metric: the ``loss_fn`` metric shown during training (e.g. ``accuracy``).
+      loss_fn: ``loss_fn(params, batch, key) -> (loss, metrics)``.
       params: initial parameters of the per-task model (meta-learning and ``scratch``).
       task_init: ``task_init(params, support)`` at the start of every task, or None.
       meta_batch: ``meta_batch(seed, step, num_tasks) -> Episode`` of meta-training tasks.
@@ -52,10 +56,13 @@ class Family(NamedTuple):
       to_task_params: turns pretrained baseline parameters into per-task ones (e.g. a fresh head).
       evaluate: ``evaluate(adapt, params, shots, steps, cfg) -> {metric: [episodes, steps]}`` on
         meta-test tasks, the same episodes for every method.
+      centroid_evaluate: ``(shots, cfg) -> {metric: [episodes]}`` of the no-learning floor
+        (n-gram nearest centroid) on the same episodes; None where it does not apply.
       info: sizes, for the report.
     """
 
     metrics: tuple[str, ...]
+    train_metric: str
     loss_fn: Callable
     params: Any
     task_init: Callable | None
@@ -66,6 +73,7 @@ class Family(NamedTuple):
     examples_per_step: int
     to_task_params: Callable
     evaluate: Callable
+    centroid_evaluate: Callable | None
     info: dict
 
 
@@ -75,6 +83,8 @@ def make_family(config, tokenizer=None) -> Family:
         return classification_family(config, tokenizer)
     if config.dataset in TRANSLATION:
         return translation_family(config)
+    if config.dataset in QA:
+        return qa_family(config, tokenizer)
     raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
 
 
@@ -305,8 +315,20 @@ def classification_family(config, tokenizer=None) -> Family:
         ]
         return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
 
+    def centroid_evaluate(shots: int, cfg) -> dict:
+        test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
+        accs = []
+        for _, eps in _chunks(
+            cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+        ):
+            for e in range(eps.support["tokens"].shape[0]):
+                episode = jax.tree.map(lambda x, e=e: x[e], eps)
+                accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size))
+        return {"accuracy": np.asarray(accs)[: cfg.eval.num_episodes]}
+
     return Family(
         metrics=("accuracy",),
+        train_metric="accuracy",
         loss_fn=loss_fn,
         params=heads.init_classifier(encoder_params, hidden, ways),
         task_init=heads.classifier_task_init(encode_fn, config.head_init, ways),
@@ -319,6 +341,7 @@ def classification_family(config, tokenizer=None) -> Family:
         examples_per_step=per_step,
         to_task_params=to_task_params,
         evaluate=evaluate,
+        centroid_evaluate=centroid_evaluate,
         info={
             "meta_train_classes": 0 if train is None else len(train.class_names),
             "meta_test_classes": len(test.class_names),
@@ -326,6 +349,36 @@ def classification_family(config, tokenizer=None) -> Family:
             "vocab_size": vocab_size,
         },
     )
+
+
+def ngram_centroid_accuracy(episode, n: int, vocab_size: int) -> float:
+    """The no-learning floor: cosine nearest centroid of bag-of-n-gram (token id) counts.
+
+    With a character vocabulary and ``n=3`` this is a character-trigram classifier; with a
+    word-piece vocabulary and ``n=1``, bag of words. Returns the query accuracy.
+
+    >>> sup = {"tokens": np.array([[5, 6, 7], [8, 9, 9]]), "mask": np.ones((2, 3), bool),
+    ...        "label": np.array([0, 1])}
+    >>> qry = {**sup, "tokens": np.array([[8, 9, 0], [5, 6, 6]])}
+    >>> ngram_centroid_accuracy(mf.Episode(sup, qry), 1, 10)
+    1.0
+    """
+    tokens = np.concatenate([episode.support["tokens"], episode.query["tokens"]]).astype(np.int64)
+    mask = np.concatenate([episode.support["mask"], episode.query["mask"]]).astype(bool)
+    length = tokens.shape[1] - n + 1
+    codes = sum(tokens[:, i : i + length] * vocab_size ** (n - 1 - i) for i in range(n))
+    valid = np.all([mask[:, i : i + length] for i in range(n)], axis=0)
+    rows = np.broadcast_to(np.arange(len(tokens))[:, None], codes.shape)[valid]
+    uniq, col = np.unique(codes[valid], return_inverse=True)
+    feats = np.zeros((len(tokens), len(uniq)))
+    np.add.at(feats, (rows, col), 1.0)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-9)
+    num_support, labels = len(episode.support["tokens"]), episode.support["label"]
+    ways = int(labels.max()) + 1
+    centroids = np.stack([feats[:num_support][labels == c].mean(0) for c in range(ways)])
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-9)
+    predicted = np.argmax(feats[num_support:] @ centroids.T, axis=1)
+    return float(np.mean(predicted == episode.query["label"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +493,7 @@ def translation_family(config) -> Family:
 
     return Family(
         metrics=("chrf", "bleu"),
+        train_metric="token_accuracy",
         loss_fn=loss_fn,
         params=params,
         task_init=None,
@@ -450,6 +504,7 @@ def translation_family(config) -> Family:
         examples_per_step=per_step,
         to_task_params=lambda p: p,
         evaluate=evaluate,
+        centroid_evaluate=None,
         info={
             "meta_train_languages": sorted(train_pairs),
             "meta_test_languages": sorted(test_pairs),
@@ -468,3 +523,106 @@ def fine_tune_adapt(loss_fn, lr: float, task_init) -> TestAdapt:
         return fn(params, support, key)[0]
 
     return adapt
+
+
+# ----------------------------------------------------------------------------------------------
+# Extractive QA: articles in held-out languages.
+
+
+def qa_examples(config) -> tuple[list, list]:
+    """XQuAD ``QAExample``s of the meta-train and meta-test languages (task = language/title)."""
+    from metaflax.data import builders
+
+    source = builders.data_source("xquad", "test", source_dir=_data_dir(config))
+    by_lang: dict[str, list] = {}
+    for r in source:
+        lang = text_sources._text(r["language"])
+        by_lang.setdefault(lang, []).append(
+            families.QAExample(
+                f"{lang}/{text_sources._text(r['title'])}",
+                text_sources._text(r["question"]),
+                text_sources._text(r["context"]),
+                text_sources._text(r["answer_text"]),
+                int(r["answer_start"]),
+            )
+        )
+    train_langs, test_langs = _split_languages(sorted(by_lang), config)
+    return [e for k in train_langs for e in by_lang[k]], [e for k in test_langs for e in by_lang[k]]
+
+
+def qa_family(config, tokenizer=None) -> Family:
+    """Few-shot extractive QA on articles of languages never seen in meta-training; EM and F1."""
+    train_ex, test_ex = qa_examples(config)
+    if config.tokenizer == "wordpiece":
+        tokenizer = text_sources.train_wordpiece(
+            [t for e in train_ex for t in (e.question, e.context)], config.wordpiece_vocab
+        )
+    elif config.tokenizer != "hf":
+        raise ValueError(f"tokenizer={config.tokenizer!r}; QA needs 'wordpiece' or 'hf'.")
+    with warnings.catch_warnings():  # answers beyond max_len are dropped (and counted)
+        warnings.simplefilter("ignore")
+        sampler = families.qa_sampler(
+            train_ex, tokenizer, shots=config.shots, queries=config.queries, max_len=config.max_len
+        )
+        pooled, _, dropped_train = families.tokenize_qa(train_ex, tokenizer, config.max_len)
+        _, _, dropped_test = families.tokenize_qa(test_ex, tokenizer, config.max_len)
+    encode_fn, encoder_params, hidden = make_encoder(config, len(tokenizer))
+    loss_fn = heads.span_loss_fn(encode_fn)
+    params = heads.init_span_head(encoder_params, hidden)
+    per_step = config.meta_batch_size * (config.shots + config.queries)
+
+    def multitask_batch(seed, step):
+        rows = np.random.default_rng([seed, step]).choice(len(pooled["start"]), per_step, False)
+        return {k: v[rows] for k, v in pooled.items()}
+
+    def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            test_sampler = families.qa_sampler(
+                test_ex, tokenizer, shots=shots, queries=cfg.eval.queries, max_len=cfg.max_len
+            )
+
+        @jax.jit
+        def run(params, episodes, key):
+            def one(episode, k):
+                out = [
+                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]
+                    for n in steps
+                ]
+                return {m: jnp.stack([o[m] for o in out]) for m in ("f1", "exact_match")}
+
+            n = jax.tree.leaves(episodes)[0].shape[0]
+            keys = jax.random.split(key, n)
+            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
+
+        out = [
+            jax.device_get(run(params, eps, jax.random.key(cfg.eval.seed + i)))
+            for i, eps in _chunks(
+                cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+            )
+        ]
+        return {
+            m: np.concatenate([o[m] for o in out])[: cfg.eval.num_episodes]
+            for m in ("f1", "exact_match")
+        }
+
+    return Family(
+        metrics=("f1", "exact_match"),
+        train_metric="f1",
+        loss_fn=loss_fn,
+        params=params,
+        task_init=None,
+        baseline_init=None,
+        meta_batch=sampler.meta_batch,
+        multitask_params=params,
+        multitask_batch=multitask_batch,
+        examples_per_step=per_step,
+        to_task_params=lambda p: p,
+        evaluate=evaluate,
+        centroid_evaluate=None,
+        info={
+            "meta_train_questions": len(train_ex),
+            "meta_test_questions": len(test_ex),
+            "answers_dropped_beyond_max_len": {"train": dropped_train, "test": dropped_test},
+        },
+    )

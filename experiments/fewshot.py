@@ -36,11 +36,17 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import metaflax as mf
-from experiments.families import DATASETS, TRANSLATION, Family, fine_tune_adapt, make_family
+from experiments.families import (
+    CLASSIFICATION,
+    DATASETS,
+    Family,
+    fine_tune_adapt,
+    make_family,
+)
 from metaflax.data import text_sources
 
 META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
-BASELINES = ("multitask", "scratch")
+BASELINES = ("multitask", "scratch", "ngram_centroid")
 METHODS = META_METHODS + BASELINES
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,8 +72,12 @@ def check_config(config) -> None:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}.")
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
-    if config.dataset in TRANSLATION and {"protonet", "anil"} & set(config.methods):
-        raise ValueError("protonet and anil need a classifier head; drop them for translation.")
+    classifiers = {"protonet", "anil", "ngram_centroid"} & set(config.methods)
+    if config.dataset not in CLASSIFICATION and classifiers:
+        raise ValueError(
+            f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)}); "
+            f"drop them for {config.dataset!r}."
+        )
     if config.meta_train_on == "smlmt" and "multitask" in config.methods:
         raise ValueError(
             "'multitask' needs labeled meta-training classes (meta_train_on='classes')."
@@ -229,7 +239,7 @@ def train_method(method: str, cfg, family: Family, workdir: str):
     Returns ``(params, curve, seconds)`` with ``params`` ready for test-time adaptation;
     ``scratch`` returns the initial parameters untrained.
     """
-    if method == "scratch":
+    if method in ("scratch", "ngram_centroid"):  # nothing to train
         return family.params, [], 0.0
     if method == "multitask":
         params, tx = family.multitask_params, _outer_tx(cfg)
@@ -265,7 +275,7 @@ def train_method(method: str, cfg, family: Family, workdir: str):
     curve, seconds, step = meta["curve"], meta["seconds"], int(meta["step"])
     base_key = jax.random.key(cfg.seed)  # step keys are fold_in(base_key, step): resumable
     writer = _tensorboard(workdir, method)
-    train_metric = "query_" + ("accuracy" if family.metrics[0] == "accuracy" else "token_accuracy")
+    train_metric = f"query_{family.train_metric}"
     pending, start, first = [], time.perf_counter(), step
     with tqdm(
         total=cfg.num_steps, initial=step, desc=method, unit="step", disable=cfg.quiet
@@ -351,7 +361,11 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
     adapt = make_test_adapt(method, cfg, family)
     out = {}
     for shots in cfg.eval.shots:
-        scores = family.evaluate(adapt, params, shots, tuple(cfg.eval.steps), cfg)
+        if method == "ngram_centroid":  # no learning, no adaptation: the same at every step
+            scores = family.centroid_evaluate(shots, cfg)
+            scores = {m: np.repeat(v[:, None], len(cfg.eval.steps), 1) for m, v in scores.items()}
+        else:
+            scores = family.evaluate(adapt, params, shots, tuple(cfg.eval.steps), cfg)
         for j, n in enumerate(cfg.eval.steps):
             out[f"{shots}-shot/{n}-step"] = {
                 m: dict(zip(("mean", "ci95"), mf.mean_ci95(v[:, j]), strict=True))

@@ -15,5 +15,6 @@ def get_config(arg: str | None = None):
     config.name = "clinc150"
     config.dataset = "clinc150"
     config.tokenizer = "wordpiece"  # trained on the meta-training utterances only
+    config.ngram = 1
     config.max_len = 32
     return common.parse(arg, config)

@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.meta_train_on = "classes"  # "classes" (labeled) | "smlmt" (unlabeled text)
     config.tokenizer = "char"  # "char" | "wordpiece" | "hf" (model.hf_path's tokenizer)
     config.wordpiece_vocab = 8000
+    config.ngram = 3  # the ngram_centroid floor: 3 = character trigrams; 1 = bag of word pieces
     config.max_len = 24
 
     config.model = ml_collections.ConfigDict()
@@ -22,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.mlp = 128
     config.model.pool = "mean"  # sentence vector: "mean" of the final states | "cls" (pooler)
 
-    config.methods = ("maml", "reptile", "multitask")
+    config.methods = ("maml", "reptile", "multitask", "ngram_centroid")
     config.ways = 5
     config.shots = 5  # meta-training support shots
     config.queries = 5
@@ -31,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_inner_steps = 1
     config.inner_lr = 0.03
     config.head_init = "proto"  # the head at the start of every task: "proto" | "zero" | "learned"
-    config.outer_lr = 1e-3
+    config.outer_lr = 3e-3
     config.outer_clip = 1.0
     config.warmup_steps = 100
     # Per-method overrides of the fields above (nested fields update recursively). Equal
@@ -90,7 +91,6 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.hidden = 32
     config.model.mlp = 64
     config.model.layers = 1
-    config.max_len = min(config.max_len, 24)
     config.eval.num_episodes = 20
     config.eval.chunk = 10
     config.eval.batch = 10

@@ -15,5 +15,6 @@ def get_config(arg: str | None = None):
     config.name = "fewrel"
     config.dataset = "fewrel"
     config.tokenizer = "wordpiece"
+    config.ngram = 1
     config.max_len = 64
     return common.parse(arg, config)

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
     config.name = "hf_bert"
     config.dataset = "clinc150"
     config.tokenizer = "hf"
+    config.ngram = 1
     config.max_len = 32
     config.model.hf_path = ""  # required: set with --config.model.hf_path
     config.inner_lr = 0.01

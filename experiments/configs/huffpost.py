@@ -15,5 +15,6 @@ def get_config(arg: str | None = None):
     config.name = "huffpost"
     config.dataset = "huffpost"
     config.tokenizer = "wordpiece"
+    config.ngram = 1
     config.max_len = 32
     return common.parse(arg, config)

@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
     config.dataset = "clinc150"
     config.meta_train_on = "smlmt"
     config.tokenizer = "wordpiece"
+    config.ngram = 1
     config.max_len = 32
     config.methods = ("maml", "reptile", "protonet", "scratch")
     return common.parse(arg, config)
