@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -77,15 +78,29 @@ class Family(NamedTuple):
     info: dict
 
 
-def make_family(config, tokenizer=None) -> Family:
+class Shared(NamedTuple):
+    """A tokenizer and encoder shared by several families in one (mixed) meta-training run."""
+
+    tokenizer: Any  # an HF tokenizer with [CLS]/[SEP]/[PAD]
+    encoder: tuple  # (encode_fn, encoder_params, hidden) from make_encoder
+
+
+def make_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """The :class:`Family` of ``config.dataset``."""
     if config.dataset in CLASSIFICATION:
-        return classification_family(config, tokenizer)
+        return classification_family(config, tokenizer, shared)
     if config.dataset in TRANSLATION:
-        return translation_family(config)
+        return translation_family(config, shared)
     if config.dataset in QA:
-        return qa_family(config, tokenizer)
+        return qa_family(config, tokenizer, shared)
     raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
+
+
+def _with(config, **fields):
+    """A copy of ``config`` with ``fields`` replaced."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.update(fields)
+    return out
 
 
 def _data_dir(config) -> str | None:
@@ -239,7 +254,7 @@ def make_encoder(config, vocab_size: int):
     return encode_fn, params, hidden
 
 
-def classification_family(config, tokenizer=None) -> Family:
+def classification_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """Few-shot classification on classes never seen in meta-training; accuracy."""
     train_texts, train_labels, test_texts, test_labels = labeled_texts(config)
     unlabeled = None
@@ -254,6 +269,9 @@ def classification_family(config, tokenizer=None) -> Family:
         unlabeled = [text_sources._text(r["text"]) for r in source][: config.smlmt.max_sentences]
     elif config.meta_train_on != "classes":
         raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
+    if shared is not None:
+        tokenizer = shared.tokenizer
+        config = _with(config, tokenizer="hf")
     encode, tokenizer, vocab_size = _tokenizer(
         config, unlabeled if unlabeled is not None else train_texts, tokenizer
     )
@@ -276,7 +294,9 @@ def classification_family(config, tokenizer=None) -> Family:
             train, ways=config.ways, shots=config.shots, queries=config.queries
         )
 
-    encode_fn, encoder_params, hidden = make_encoder(config, vocab_size)
+    encode_fn, encoder_params, hidden = (
+        shared.encoder if shared else make_encoder(config, vocab_size)
+    )
     loss_fn = heads.classification_loss_fn(encode_fn)
     ways = config.ways
     per_step = config.meta_batch_size * ways * (config.shots + config.queries)  # same examples
@@ -286,7 +306,7 @@ def classification_family(config, tokenizer=None) -> Family:
         return {"tokens": train.tokens[rows], "mask": train.mask[rows], "label": train.labels[rows]}
 
     def to_task_params(params):  # the pretraining head is replaced by a ways-sized one
-        return heads.init_classifier(params["encoder"], hidden, ways)
+        return {**params, "head": heads.init_classifier(None, hidden, ways)["head"]}
 
     def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
@@ -408,31 +428,75 @@ def translation_pairs(config) -> tuple[dict, dict]:
     return {k: pairs[k] for k in train_langs}, {k: pairs[k] for k in test_langs}
 
 
-def translation_family(config) -> Family:
-    """Few-shot translation from languages never seen in meta-training; chrF and BLEU."""
+def translation_family(config, shared: Shared | None = None) -> Family:
+    """Few-shot translation from languages never seen in meta-training; chrF and BLEU.
+
+    On its own: a character-level encoder-decoder. With ``shared``: the shared (BERT) encoder,
+    the shared word-piece tokenizer ([CLS] / [SEP] as BOS / EOS) and a :class:`seq2seq.Decoder`.
+    """
     train_pairs, test_pairs = translation_pairs(config)
-    vocab = CharVocab.build(t for p in train_pairs.values() for pair in p for t in pair)
     src_len, tgt_len = config.max_len, config.max_len + 2
+    if shared is None:
+        vocab = CharVocab.build(t for p in train_pairs.values() for pair in p for t in pair)
+        vocab_size, bos, eos, decode = len(vocab), BOS, EOS, vocab.decode
 
-    def enc_src(xs):
-        return vocab.encode(xs, src_len)
+        def enc_src(xs):
+            return vocab.encode(xs, src_len)
 
-    def enc_tgt(xs):
-        return vocab.encode(xs, tgt_len, bos_eos=True)
+        def enc_tgt(xs):
+            return vocab.encode(xs, tgt_len, bos_eos=True)
+
+        model = seq2seq.Seq2Seq(
+            vocab_size,
+            max_len=tgt_len,
+            dim=config.model.hidden,
+            num_layers=config.model.layers,
+            num_heads=config.model.heads,
+            mlp_dim=config.model.mlp,
+            rngs=nnx.Rngs(config.seed),
+        )
+        apply_fn, params = mf.functionalize(model)
+    else:
+        tok = shared.tokenizer
+        vocab_size, bos, eos = len(tok), tok.cls_token_id, tok.sep_token_id
+
+        def decode(ids):
+            return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+        def _encode(xs, n):
+            enc = tok(
+                list(xs), max_length=n, truncation=True, padding="max_length", return_tensors="np"
+            )
+            return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+
+        def enc_src(xs):
+            return _encode(xs, src_len)
+
+        def enc_tgt(xs):  # [CLS] words [SEP]: the BOS and EOS of decoding
+            return _encode(xs, tgt_len)
+
+        encode_fn, encoder_params, hidden = shared.encoder
+        decoder_apply, decoder_params = mf.functionalize(
+            seq2seq.Decoder(
+                vocab_size,
+                memory_dim=hidden,
+                max_len=tgt_len,
+                dim=config.model.hidden,
+                num_layers=config.model.layers,
+                num_heads=config.model.heads,
+                mlp_dim=config.model.mlp,
+                rngs=nnx.Rngs(config.seed + 1),
+            )
+        )
+        params = {"encoder": encoder_params, "decoder": decoder_params}
+
+        def apply_fn(p, src, src_mask, tgt_in, tgt_mask):
+            memory, _ = encode_fn(p["encoder"], src, src_mask)
+            return decoder_apply(p["decoder"], memory, src_mask, tgt_in, tgt_mask)
 
     sampler = families.translation_sampler(
         train_pairs, enc_src, enc_tgt, shots=config.shots, queries=config.queries
     )
-    model = seq2seq.Seq2Seq(
-        len(vocab),
-        max_len=tgt_len,
-        dim=config.model.hidden,
-        num_layers=config.model.layers,
-        num_heads=config.model.heads,
-        mlp_dim=config.model.mlp,
-        rngs=nnx.Rngs(config.seed),
-    )
-    apply_fn, params = mf.functionalize(model)
     loss_fn = seq2seq.seq2seq_loss_fn(apply_fn)
     pooled = [pair for p in train_pairs.values() for pair in p]
     pooled_src, pooled_src_mask = enc_src([a for a, _ in pooled])
@@ -464,8 +528,8 @@ def translation_family(config) -> Family:
                             adapt(params, episode.support, k, n),
                             q["src"],
                             q["src_mask"],
-                            bos_id=BOS,
-                            eos_id=EOS,
+                            bos_id=bos,
+                            eos_id=eos,
                             max_len=tgt_len,
                         )
                         for n in steps
@@ -482,9 +546,9 @@ def translation_family(config) -> Family:
         ):
             decoded = np.asarray(run(params, eps, jax.random.key(cfg.eval.seed + i)))
             for e in range(decoded.shape[0]):  # [episodes, steps, queries, len]
-                refs = [vocab.decode(t) for t in eps.query["tgt"][e]]
+                refs = [decode(t) for t in eps.query["tgt"][e]]
                 per_steps = [
-                    seq2seq.translation_metrics([vocab.decode(t) for t in decoded[e, j]], refs)
+                    seq2seq.translation_metrics([decode(t) for t in decoded[e, j]], refs)
                     for j in range(len(steps))
                 ]
                 for m in scores:
@@ -508,7 +572,7 @@ def translation_family(config) -> Family:
         info={
             "meta_train_languages": sorted(train_pairs),
             "meta_test_languages": sorted(test_pairs),
-            "vocab_size": len(vocab),
+            "vocab_size": vocab_size,
         },
     )
 
@@ -550,10 +614,12 @@ def qa_examples(config) -> tuple[list, list]:
     return [e for k in train_langs for e in by_lang[k]], [e for k in test_langs for e in by_lang[k]]
 
 
-def qa_family(config, tokenizer=None) -> Family:
+def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """Few-shot extractive QA on articles of languages never seen in meta-training; EM and F1."""
     train_ex, test_ex = qa_examples(config)
-    if config.tokenizer == "wordpiece":
+    if shared is not None:
+        tokenizer = shared.tokenizer
+    elif config.tokenizer == "wordpiece":
         tokenizer = text_sources.train_wordpiece(
             [t for e in train_ex for t in (e.question, e.context)], config.wordpiece_vocab
         )
@@ -566,7 +632,9 @@ def qa_family(config, tokenizer=None) -> Family:
         )
         pooled, _, dropped_train = families.tokenize_qa(train_ex, tokenizer, config.max_len)
         _, _, dropped_test = families.tokenize_qa(test_ex, tokenizer, config.max_len)
-    encode_fn, encoder_params, hidden = make_encoder(config, len(tokenizer))
+    encode_fn, encoder_params, hidden = (
+        shared.encoder if shared else make_encoder(config, len(tokenizer))
+    )
     loss_fn = heads.span_loss_fn(encode_fn)
     params = heads.init_span_head(encoder_params, hidden)
     per_step = config.meta_batch_size * (config.shots + config.queries)
@@ -579,7 +647,7 @@ def qa_family(config, tokenizer=None) -> Family:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             test_sampler = families.qa_sampler(
-                test_ex, tokenizer, shots=shots, queries=cfg.eval.queries, max_len=cfg.max_len
+                test_ex, tokenizer, shots=shots, queries=cfg.eval.queries, max_len=config.max_len
             )
 
         @jax.jit
@@ -626,3 +694,32 @@ def qa_family(config, tokenizer=None) -> Family:
             "answers_dropped_beyond_max_len": {"train": dropped_train, "test": dropped_test},
         },
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Several families in one meta-training run.
+
+
+def mixed_families(config) -> dict[str, Family]:
+    """``config.mixed.datasets`` meta-trained together: one word-piece tokenizer trained on all
+    their meta-training text and one BERT encoder shared by the classification head, the span
+    head and the translation decoder. Per-dataset settings in ``config.mixed.overrides``."""
+    subs = {
+        name: _with(config, dataset=name, **config.mixed.overrides.to_dict().get(name, {}))
+        for name in config.mixed.datasets
+    }
+    unknown = sorted(set(subs) - set(DATASETS))
+    if unknown:
+        raise ValueError(f"unknown mixed datasets {unknown}; valid: {', '.join(DATASETS)}.")
+    texts = []
+    for name, sub in subs.items():
+        if name in CLASSIFICATION:
+            texts += labeled_texts(sub)[0]
+        elif name in QA:
+            texts += [t for e in qa_examples(sub)[0] for t in (e.question, e.context)]
+        else:
+            texts += [t for p in translation_pairs(sub)[0].values() for pair in p for t in pair]
+    tokenizer = text_sources.train_wordpiece(texts, config.wordpiece_vocab)
+    max_len = max(sub.max_len for sub in subs.values())
+    shared = Shared(tokenizer, make_encoder(_with(config, max_len=max_len), len(tokenizer)))
+    return {name: make_family(sub, shared=shared) for name, sub in subs.items()}

@@ -42,6 +42,7 @@ from experiments.families import (
     Family,
     fine_tune_adapt,
     make_family,
+    mixed_families,
 )
 from metaflax.data import text_sources
 
@@ -70,10 +71,11 @@ def check_config(config) -> None:
     bad = [m for m in config.methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}.")
-    if config.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
+    if config.dataset not in (*DATASETS, "mixed"):
+        valid = ", ".join((*DATASETS, "mixed"))
+        raise ValueError(f"unknown dataset {config.dataset!r}; valid: {valid}.")
     classifiers = {"protonet", "anil", "ngram_centroid"} & set(config.methods)
-    if config.dataset not in CLASSIFICATION and classifiers:
+    if config.dataset not in CLASSIFICATION and classifiers:  # mixed runs too
         raise ValueError(
             f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)}); "
             f"drop them for {config.dataset!r}."
@@ -233,35 +235,51 @@ def _multitask_step(loss_fn, tx):
     return step
 
 
-def train_method(method: str, cfg, family: Family, workdir: str):
+def merged_params(families: dict[str, Family], multitask: bool = False):
+    """One parameter tree for all families: the shared encoder and every family's head."""
+    out = {}
+    for family in families.values():
+        params = family.multitask_params if multitask else family.params
+        out = {**out, **params} if isinstance(params, dict) and "encoder" in params else params
+    return out
+
+
+def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
     """Meta-trains (or pretrains) one method, resuming from its latest good checkpoint.
 
-    Returns ``(params, curve, seconds)`` with ``params`` ready for test-time adaptation;
-    ``scratch`` returns the initial parameters untrained.
+    Several families (a mixed run) take turns, one meta-batch (or pooled batch) per step, on
+    one shared parameter tree. Returns ``(params, curve, seconds)`` with ``params`` ready for
+    test-time adaptation; ``scratch`` returns the initial parameters untrained.
     """
+    names = list(families)
     if method in ("scratch", "ngram_centroid"):  # nothing to train
-        return family.params, [], 0.0
+        return merged_params(families), [], 0.0
+    steps, batches = {}, {}
     if method == "multitask":
-        params, tx = family.multitask_params, _outer_tx(cfg)
-        step_fn = jax.jit(_multitask_step(family.loss_fn, tx), donate_argnums=0)
+        params, tx = merged_params(families, multitask=True), _outer_tx(cfg)
 
         def init(p):  # a copy: the jitted step donates the state
             p = jax.tree.map(jnp.array, p)
             return mf.MetaState(p, tx.init(p), jnp.zeros((), jnp.int32))
 
-        batch_at = lambda step: family.multitask_batch(cfg.seed, step)  # noqa: E731
-        unit, per_step = "ex", family.examples_per_step
+        for name, family in families.items():
+            steps[name] = jax.jit(_multitask_step(family.loss_fn, tx), donate_argnums=0)
+            batches[name] = lambda step, f=family: f.multitask_batch(cfg.seed, step)
+        unit = "ex"
+        per_step = np.mean([f.examples_per_step for f in families.values()])
     else:
-        alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
-        params = family.params
-        step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
-        if _num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
-            mesh = mf.sharding.make_mesh(tasks=_num_devices(cfg))
-            learner = mf.sharding.shard(alg, mesh, params)
-            step_fn, init, put = learner.step, learner.init, learner.shard_episodes
-        batch_at = lambda step: put(  # noqa: E731
-            family.meta_batch(cfg.seed, step, cfg.meta_batch_size)
-        )
+        params = merged_params(families)
+        for name, family in families.items():
+            alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
+            step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
+            if _num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
+                mesh = mf.sharding.make_mesh(tasks=_num_devices(cfg))
+                learner = mf.sharding.shard(alg, mesh, params)
+                step_fn, init, put = learner.step, learner.init, learner.shard_episodes
+            steps[name] = step_fn
+            batches[name] = lambda step, f=family, put=put: put(
+                f.meta_batch(cfg.seed, step, cfg.meta_batch_size)
+            )
         unit, per_step = "tasks", cfg.meta_batch_size
 
     ckpt_dir = os.path.join(workdir, "checkpoints", method)
@@ -275,28 +293,37 @@ def train_method(method: str, cfg, family: Family, workdir: str):
     curve, seconds, step = meta["curve"], meta["seconds"], int(meta["step"])
     base_key = jax.random.key(cfg.seed)  # step keys are fold_in(base_key, step): resumable
     writer = _tensorboard(workdir, method)
-    train_metric = f"query_{family.train_metric}"
     pending, start, first = [], time.perf_counter(), step
     with tqdm(
         total=cfg.num_steps, initial=step, desc=method, unit="step", disable=cfg.quiet
     ) as bar:
         while step < cfg.num_steps:
-            state, metrics = step_fn(state, batch_at(step), jax.random.fold_in(base_key, step))
-            pending.append(metrics)
+            name = names[step % len(names)]
+            state, metrics = steps[name](
+                state, batches[name](step // len(names)), jax.random.fold_in(base_key, step)
+            )
+            pending.append((name, metrics))
             step += 1
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 logged, pending = jax.device_get(pending), []  # also syncs the device
-                for m in logged:
+                for _, m in logged:
                     _check_finite(m, method, mngr)
-                loss = float(np.mean([m["loss"] for m in logged]))
-                acc = float(np.mean([m[train_metric] for m in logged]))
-                curve.append([step, loss, acc])
+                loss = float(np.mean([m["loss"] for _, m in logged]))
+                scores = [m[f"query_{families[n].train_metric}"] for n, m in logged]
+                curve.append([step, loss, float(np.mean(scores))])
                 writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar(f"train/{train_metric}", acc, step)
+                for n in names:
+                    metric = families[n].train_metric
+                    values = [m[f"query_{metric}"] for k, m in logged if k == n]
+                    if values:
+                        tag = f"train/{n}/{metric}" if len(names) > 1 else f"train/{metric}"
+                        writer.add_scalar(tag, float(np.mean(values)), step)
                 rate = per_step * (step - first) / (time.perf_counter() - start)
                 writer.add_scalar(f"train/{unit}_per_second", rate, step)
                 bar.set_postfix_str(
-                    f"loss={loss:.3f} {train_metric}={acc:.3f} {unit}/s={rate:.0f}", refresh=False
+                    f"loss={loss:.3f} query {families[names[0]].train_metric}="
+                    f"{curve[-1][2]:.3f} {unit}/s={rate:.0f}",
+                    refresh=False,
                 )
                 bar.update(step - bar.n)
             if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
@@ -384,12 +411,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
-    tokenizer = None
-    if config.tokenizer == "hf":
-        tokenizer = text_sources.load_tokenizer(config.model.hf_path)
-    family = make_family(config, tokenizer)
+    if config.dataset == "mixed":
+        families = mixed_families(config)
+    else:
+        tokenizer = None
+        if config.tokenizer == "hf":
+            tokenizer = text_sources.load_tokenizer(config.model.hf_path)
+        families = {config.dataset: make_family(config, tokenizer)}
 
-    results = {"config": config.to_dict(), "data": family.info, "methods": {}}
+    results = {
+        "config": config.to_dict(),
+        "data": {name: f.info for name, f in families.items()},
+        "methods": {},
+    }
     for method in config.methods:
         done = os.path.join(workdir, "methods", f"{method}.json")
         if os.path.exists(done):  # finished in an earlier run of the same command
@@ -397,12 +431,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 results["methods"][method] = json.load(f)
             continue
         cfg = _method_config(config, method)
-        params, curve, seconds = train_method(method, cfg, family, workdir)
+        params, curve, seconds = train_method(method, cfg, families, workdir)
         entry = {
             "train_seconds": seconds,
             "train_curve": curve,
             "report_steps": cfg.eval.report_steps,
-            "scores": evaluate(method, params, cfg, family),
+            "scores": {
+                name: evaluate(method, params, cfg, family) for name, family in families.items()
+            },
         }
         os.makedirs(os.path.dirname(done), exist_ok=True)
         with open(done, "w") as f:
@@ -411,16 +447,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    table = results_table(results, config, family.metrics[0])
+    tables = [
+        (f"### {name}\n\n" if len(families) > 1 else "")
+        + results_table(results, config, name, family.metrics[0])
+        for name, family in families.items()
+    ]
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    _plot(results, config, family.metrics[0], workdir)
-    print(table)
+        f.write("\n\n".join(tables) + "\n")
+    _plot(results, config, {n: f.metrics[0] for n, f in families.items()}, workdir)
+    print("\n\n".join(tables))
     print(f"\nwrote results.json, results.md and PNG plots to {workdir}")
     return results
 
 
-def results_table(results: dict, config, metric: str) -> str:
+def results_table(results: dict, config, family: str, metric: str) -> str:
     """Markdown: one row per method; per shots, ``metric`` before adaptation (0 steps: for
     classification the prototype head) and after the method's ``eval.report_steps`` steps
     (mean +- 95% CI over test episodes, in %)."""
@@ -429,10 +469,12 @@ def results_table(results: dict, config, metric: str) -> str:
     head += " | ".join(f"{k}-shot, 0 steps | {k}-shot, adapted" for k in shots)
     lines = [head + " | adapt steps | train s |", "|---" * (2 * len(shots) + 3) + "|"]
     for name, entry in results["methods"].items():
+        if family not in entry["scores"]:
+            continue
         cells = []
         for k in shots:
             for n in (0, entry["report_steps"]):
-                c = entry["scores"][f"{k}-shot/{n}-step"][metric]
+                c = entry["scores"][family][f"{k}-shot/{n}-step"][metric]
                 cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
         lines.append(
             f"| {name} | "
@@ -442,28 +484,32 @@ def results_table(results: dict, config, metric: str) -> str:
     return "\n".join(lines)
 
 
-def _plot(results, config, metric: str, workdir: str) -> None:
+def _plot(results, config, metrics: dict[str, str], workdir: str) -> None:
+    """``<metric>_vs_steps.png`` (per family: metric vs adaptation steps, one panel per shots
+    setting, error bars = 95% CI) and ``training_curves.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shots, steps = config.eval.shots, config.eval.steps
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
-    for ax, k in zip(axes[0], shots, strict=True):
-        for name, entry in results["methods"].items():
-            s = [entry["scores"][f"{k}-shot/{n}-step"][metric] for n in steps]
-            mean, ci = (100 * np.array([x[f] for x in s]) for f in ("mean", "ci95"))
-            ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, label=name)
-        ax.set(
-            xlabel="adaptation steps at test",
-            ylabel=f"query {metric} (%)",
-            title=f"{config.dataset}: {k}-shot",
-        )
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, f"{metric}_vs_steps.png"), dpi=110)
-    plt.close(fig)
+    for family, metric in metrics.items():
+        fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
+        for ax, k in zip(axes[0], shots, strict=True):
+            for name, entry in results["methods"].items():
+                s = [entry["scores"][family][f"{k}-shot/{n}-step"][metric] for n in steps]
+                mean, ci = (100 * np.array([x[f] for x in s]) for f in ("mean", "ci95"))
+                ax.errorbar(steps, mean, yerr=ci, marker="o", capsize=3, label=name)
+            ax.set(
+                xlabel="adaptation steps at test",
+                ylabel=f"query {metric} (%)",
+                title=f"{family}: {k}-shot",
+            )
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        prefix = f"{family}_" if len(metrics) > 1 else ""
+        fig.savefig(os.path.join(workdir, f"{prefix}{metric}_vs_steps.png"), dpi=110)
+        plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for name, entry in results["methods"].items():

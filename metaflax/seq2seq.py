@@ -106,6 +106,52 @@ class Seq2Seq(nnx.Module):
         return self.dec_norm(y) @ self.embed[...].T
 
 
+class Decoder(nnx.Module):
+    """A causal decoder with cross-attention over any encoder's output, e.g. the sequence output
+    of :class:`metaflax.bert.BertEncoder` shared with other task families; output tied to its
+    embeddings.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> dec = Decoder(50, memory_dim=16, max_len=8, dim=32, num_layers=1, num_heads=2,
+    ...               mlp_dim=64, rngs=nnx.Rngs(0))
+    >>> memory, ones = jnp.zeros((2, 5, 16)), jnp.ones((2, 8), jnp.int32)
+    >>> dec(memory, jnp.ones((2, 5), bool), ones, ones > 0).shape
+    (2, 8, 50)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        memory_dim: int,
+        max_len: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+        rngs: nnx.Rngs,
+    ):
+        self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim)))
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
+        self.bridge = nnx.Linear(memory_dim, dim, rngs=rngs)
+        self.blocks = nnx.List(
+            [_Block(dim, num_heads, mlp_dim, cross=True, rngs=rngs) for _ in range(num_layers)]
+        )
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+
+    def __call__(self, memory, memory_mask, tgt_in, tgt_mask):
+        # memory: [b, s, memory_dim], memory_mask: [b, s]; tgt_in, tgt_mask: [b, t]
+        b, t = tgt_in.shape
+        memory = self.bridge(memory)
+        causal = jnp.tril(jnp.ones((t, t), bool))[None] & tgt_mask[:, None, :]
+        cross = jnp.broadcast_to(memory_mask[:, None, :], (b, t, memory.shape[1]))
+        y = jnp.take(self.embed[...], tgt_in, axis=0) + self.pos[None, :t]
+        for block in self.blocks:
+            y = block(y, causal, memory, cross)
+        return self.norm(y) @ self.embed[...].T
+
+
 def seq2seq_loss_fn(apply_fn: Callable) -> Callable:
     """Teacher-forced cross-entropy over target tokens; reports token accuracy."""
 
