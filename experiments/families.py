@@ -158,7 +158,7 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
         records = [
             r
             for split in ("train", "val", "test")
-            for r in builders.data_source("clinc150", split, source_dir=src)
+            for r in builders.records("clinc150", split, source_dir=src)
         ]
         texts, labels = text_sources.records_to_texts(records, "text", "intent")
         domains = [text_sources._text(r["domain"]) for r in records]
@@ -168,7 +168,7 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
             raise ValueError(f"unknown CLINC150 domains {unknown}; valid: {sorted(groups)}.")
         test_classes = {c for d in config.clinc.test_domains for c in groups[d]}
     elif name == "huffpost":
-        records = list(builders.data_source("huffpost", "train", source_dir=src))
+        records = builders.records("huffpost", "train", source_dir=src)
         texts, labels = text_sources.records_to_texts(records, "text", "label")
         test_classes = {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["test"]}
         keep_classes = test_classes | {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["train"]}
@@ -177,7 +177,7 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
     else:  # fewrel
         texts, labels = [], []
         for domain in (config.fewrel.train_domain, config.fewrel.test_domain):
-            for r in builders.data_source("fewrel", domain, source_dir=src):
+            for r in builders.records("fewrel", domain, source_dir=src):
                 texts.append(_mark_entities(r))
                 labels.append(f"{domain}/{text_sources._text(r['relation'])}")
         test_classes = {c for c in labels if c.startswith(config.fewrel.test_domain + "/")}
@@ -263,9 +263,7 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
 
         if config.tokenizer == "char":
             raise ValueError("SMLMT masks words: use tokenizer='wordpiece' or 'hf', not 'char'.")
-        source = builders.data_source(
-            "unlabeled_text", config.smlmt.text, source_dir=_data_dir(config)
-        )
+        source = builders.records("unlabeled_text", config.smlmt.text, source_dir=_data_dir(config))
         unlabeled = [text_sources._text(r["text"]) for r in source][: config.smlmt.max_sentences]
     elif config.meta_train_on != "classes":
         raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
@@ -376,12 +374,6 @@ def ngram_centroid_accuracy(episode, n: int, vocab_size: int) -> float:
 
     With a character vocabulary and ``n=3`` this is a character-trigram classifier; with a
     word-piece vocabulary and ``n=1``, bag of words. Returns the query accuracy.
-
-    >>> sup = {"tokens": np.array([[5, 6, 7], [8, 9, 9]]), "mask": np.ones((2, 3), bool),
-    ...        "label": np.array([0, 1])}
-    >>> qry = {**sup, "tokens": np.array([[8, 9, 0], [5, 6, 6]])}
-    >>> ngram_centroid_accuracy(mf.Episode(sup, qry), 1, 10)
-    1.0
     """
     tokens = np.concatenate([episode.support["tokens"], episode.query["tokens"]]).astype(np.int64)
     mask = np.concatenate([episode.support["mask"], episode.query["mask"]]).astype(bool)
@@ -418,7 +410,7 @@ def translation_pairs(config) -> tuple[dict, dict]:
         from metaflax.data import builders
 
         pairs: dict[str, list] = {}
-        for r in builders.data_source("tatoeba", "train", source_dir=_data_dir(config)):
+        for r in builders.records("tatoeba", "train", source_dir=_data_dir(config)):
             pairs.setdefault(text_sources._text(r["language"]), []).append(
                 (text_sources._text(r["source"]), text_sources._text(r["english"]))
             )
@@ -597,7 +589,7 @@ def qa_examples(config) -> tuple[list, list]:
     """XQuAD ``QAExample``s of the meta-train and meta-test languages (task = language/title)."""
     from metaflax.data import builders
 
-    source = builders.data_source("xquad", "test", source_dir=_data_dir(config))
+    source = builders.records("xquad", "test", source_dir=_data_dir(config))
     by_lang: dict[str, list] = {}
     for r in source:
         lang = text_sources._text(r["language"])
@@ -625,13 +617,19 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
         )
     elif config.tokenizer != "hf":
         raise ValueError(f"tokenizer={config.tokenizer!r}; QA needs 'wordpiece' or 'hf'.")
+    train_tok = families.tokenize_qa(train_ex, tokenizer, config.max_len)  # once per split
+    test_tok = families.tokenize_qa(test_ex, tokenizer, config.max_len)
+    pooled, dropped_train, dropped_test = train_tok[0], train_tok[2], test_tok[2]
     with warnings.catch_warnings():  # answers beyond max_len are dropped (and counted)
         warnings.simplefilter("ignore")
         sampler = families.qa_sampler(
-            train_ex, tokenizer, shots=config.shots, queries=config.queries, max_len=config.max_len
+            train_ex,
+            tokenizer,
+            shots=config.shots,
+            queries=config.queries,
+            max_len=config.max_len,
+            tokenized=train_tok,
         )
-        pooled, _, dropped_train = families.tokenize_qa(train_ex, tokenizer, config.max_len)
-        _, _, dropped_test = families.tokenize_qa(test_ex, tokenizer, config.max_len)
     encode_fn, encoder_params, hidden = (
         shared.encoder if shared else make_encoder(config, len(tokenizer))
     )
@@ -647,7 +645,12 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             test_sampler = families.qa_sampler(
-                test_ex, tokenizer, shots=shots, queries=cfg.eval.queries, max_len=config.max_len
+                test_ex,
+                tokenizer,
+                shots=shots,
+                queries=cfg.eval.queries,
+                max_len=config.max_len,
+                tokenized=test_tok,
             )
 
         @jax.jit

@@ -42,11 +42,11 @@ def test_pipeline_end_to_end(tmp_path):
     events = [f for _, _, fs in os.walk(tmp_path / "tb" / "maml") for f in fs]
     assert any(f.startswith("events.out.tfevents") for f in events)
     # Disjoint meta-train / meta-test languages.
-    assert saved["data"]["meta_test_classes"] == 8
+    assert saved["data"]["cldr"]["meta_test_classes"] == 8
     # 0 steps = the prototype classifier: for ProtoNet and scratch, the same as nearest-centroid
     # on the encoder's features, so above chance on every method (chance = 20%).
     for m in saved["methods"].values():
-        assert m["scores"]["5-shot/0-step"]["accuracy"]["mean"] > 0.25
+        assert m["scores"]["cldr"]["5-shot/0-step"]["accuracy"]["mean"] > 0.25
     # Meta-training learned something: MAML's training query accuracy went up.
     curve = np.asarray(results["methods"]["maml"]["train_curve"])
     assert curve[-1, 2] > curve[0, 2]
@@ -184,3 +184,81 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
 def test_bad_configs_name_the_fix(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         fewshot.train_and_evaluate(_config(**overrides), str(tmp_path))
+
+
+def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
+    """Classification, QA and translation tasks in one run: every family trains the encoder."""
+    from experiments.configs import mixed
+
+    shared = os.environ.get("METAFLAX_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
+    monkeypatch.setenv("METAFLAX_DATA_DIR", shared)
+    config = mixed.get_config("runlocal")
+    config.methods = ("fomaml",)
+    config.num_steps = 6
+    config.log_every = 3
+    config.model.layers = 1
+    config.mixed.overrides.xquad.max_len = 96  # questions that fill it are dropped, counted
+    config.eval.shots = (1,)
+    config.eval.num_episodes = config.eval.chunk = config.eval.batch = 4
+    config.eval.steps = (0, 1)
+    families = fewshot.mixed_families(config)
+    params = fewshot.merged_params(families)
+    assert set(params) == {"encoder", "head", "span", "decoder"}
+    # Each family's meta-gradient reaches the shared encoder.
+    for name, family in families.items():
+        alg = fewshot.make_algorithm("fomaml", family.loss_fn, family.task_init, config)
+        grads, _ = alg.meta_grad(params, family.meta_batch(0, 0, 2), jax.random.key(0))
+        norm = optax.tree.norm(grads["encoder"])
+        assert np.isfinite(norm) and norm > 0, name
+    results = fewshot.train_and_evaluate(config, str(tmp_path))
+    scores = results["methods"]["fomaml"]["scores"]
+    assert set(scores) == {"clinc150", "xquad", "tatoeba"}
+    assert set(scores["tatoeba"]["1-shot/1-step"]) == {"chrf", "bleu"}
+    assert set(scores["xquad"]["1-shot/0-step"]) == {"f1", "exact_match"}
+    assert "### tatoeba" in (tmp_path / "results.md").read_text()
+
+
+def test_ngram_centroid_matches_a_direct_implementation():
+    """The floor on token ids equals character-trigram cosine nearest centroid on the strings."""
+    import collections
+
+    from experiments import families
+    from metaflax.data import cldr, episode_sampler
+    from metaflax.data.text import CharVocab
+
+    langs = ["de", "fr", "it", "nl", "sv"]
+    texts, labels, names = cldr.language_id_examples(langs)
+    vocab = CharVocab.build(texts)
+    data = families._char_tokens(vocab, texts, [names[i] for i in labels], 40)
+    sampler = episode_sampler(data, ways=5, shots=3, queries=4)
+
+    def grams(ids):
+        s = [int(t) for t in ids if t != 0]
+        return collections.Counter(tuple(s[i : i + 3]) for i in range(len(s) - 2))
+
+    def unit(c):
+        n = np.sqrt(sum(v * v for v in c.values()))
+        return {k: v / n for k, v in c.items()}
+
+    for index in range(5):
+        ep = sampler.episode(0, index)
+        cents = []
+        for c in range(5):
+            total = collections.Counter()
+            rows = [
+                unit(grams(t))
+                for t, y in zip(ep.support["tokens"], ep.support["label"], strict=True)
+                if y == c
+            ]
+            for r in rows:
+                for k, v in r.items():
+                    total[k] += v / len(rows)
+            cents.append(unit(total))
+        pred = [
+            np.argmax(
+                [sum(v * cent.get(k, 0.0) for k, v in unit(grams(t)).items()) for cent in cents]
+            )
+            for t in ep.query["tokens"]
+        ]
+        expected = float(np.mean(np.asarray(pred) == ep.query["label"]))
+        assert families.ngram_centroid_accuracy(ep, 3, len(vocab)) == pytest.approx(expected)

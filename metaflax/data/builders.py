@@ -12,6 +12,7 @@ the sources, so a read-only data directory works.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -364,3 +365,11 @@ def data_source(name: str, split: str, *, source_dir: str | None = None):
             "catalog names (e.g. 'clinc_oos') are read with tfds.data_source."
         )
     return tfds.data_source(name, split=split, data_dir=os.path.join(cache_dir(), "tfds"))
+
+
+@functools.cache
+def records(name: str, split: str, *, source_dir: str | None = None) -> list[dict]:
+    """Every record of ``name``/``split`` as a list, read in one batched call (iterating a data
+    source record by record is about 10x slower); cached per process, do not modify."""
+    source = data_source(name, split, source_dir=source_dir)
+    return source.__getitems__(list(range(len(source))))

@@ -148,23 +148,28 @@ def tokenize_qa(examples: Sequence[QAExample], tokenizer, max_len: int):
 
     Returns ``(arrays, kept, dropped)``: ``arrays`` holds ``tokens``, ``mask``, ``start``,
     ``end`` for the kept examples, ``kept`` their indices into ``examples``, and ``dropped``
-    the number whose answer fell outside the ``max_len`` window (truncated away).
+    the number whose answer fell outside the ``max_len`` window (truncated away) or whose
+    question alone does not fit in it.
     """
+    # A question that fills the window leaves no room for context (HF raises for the batch).
+    question_len = [len(ids) for ids in tokenizer([e.question for e in examples])["input_ids"]]
+    fits = [i for i, n in enumerate(question_len) if n + 8 < max_len]
     enc = tokenizer(
-        [e.question for e in examples],
-        [e.context for e in examples],
+        [examples[i].question for i in fits],
+        [examples[i].context for i in fits],
         max_length=max_len,
         truncation="only_second",
         padding="max_length",
         return_offsets_mapping=True,
         return_tensors="np",
     )
-    starts, ends, kept = [], [], []
-    for i, e in enumerate(examples):
-        seq_ids = enc.sequence_ids(i)
+    starts, ends, kept, rows = [], [], [], []
+    for row, i in enumerate(fits):
+        e = examples[i]
+        seq_ids = enc.sequence_ids(row)
         lo, hi = e.answer_start, e.answer_start + len(e.answer_text)
         start = end = None
-        for t, (a, b) in enumerate(enc["offset_mapping"][i]):
+        for t, (a, b) in enumerate(enc["offset_mapping"][row]):
             if seq_ids[t] != 1 or b <= a:
                 continue
             if start is None and a <= lo < b:
@@ -175,10 +180,11 @@ def tokenize_qa(examples: Sequence[QAExample], tokenizer, max_len: int):
             starts.append(start)
             ends.append(end)
             kept.append(i)
-    kept = np.asarray(kept, np.int64)
+            rows.append(row)
+    kept, rows = np.asarray(kept, np.int64), np.asarray(rows, np.int64)
     arrays = {
-        "tokens": enc["input_ids"][kept].astype(np.int32),
-        "mask": enc["attention_mask"][kept].astype(bool),
+        "tokens": enc["input_ids"][rows].astype(np.int32),
+        "mask": enc["attention_mask"][rows].astype(bool),
         "start": np.asarray(starts, np.int32),
         "end": np.asarray(ends, np.int32),
     }
@@ -186,19 +192,27 @@ def tokenize_qa(examples: Sequence[QAExample], tokenizer, max_len: int):
 
 
 def qa_sampler(
-    examples: Sequence[QAExample], tokenizer, *, shots: int, queries: int, max_len: int
+    examples: Sequence[QAExample],
+    tokenizer,
+    *,
+    shots: int,
+    queries: int,
+    max_len: int,
+    tokenized: tuple | None = None,
 ) -> TaskSampler:
     """Extractive-QA tasks: a task is a set of paragraphs (``QAExample.task``, e.g. an article in
     one language); support = ``shots`` question/answer pairs, query = ``queries`` held-out ones.
 
     Batches are ``{"tokens", "mask", "start", "end"}`` for :func:`metaflax.heads.span_loss_fn`.
     Answers outside the window are dropped and counted (a warning); tasks with fewer than
-    ``shots + queries`` usable questions are left out.
+    ``shots + queries`` usable questions are left out. ``tokenized`` reuses the output of
+    :func:`tokenize_qa` on the same examples.
     """
-    arrays, kept, dropped = tokenize_qa(examples, tokenizer, max_len)
+    arrays, kept, dropped = tokenized or tokenize_qa(examples, tokenizer, max_len)
     if dropped:
         warnings.warn(
-            f"{dropped} of {len(examples)} answers fall outside max_len={max_len} tokens and "
+            f"{dropped} of {len(examples)} answers fall outside max_len={max_len} tokens (or "
+            "their question fills it) and "
             "were dropped; raise max_len to keep them.",
             stacklevel=2,
         )
