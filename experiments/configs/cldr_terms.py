@@ -21,7 +21,6 @@ def get_config(arg: str | None = None):
     config.queries = 10
     config.eval.shots = (5, 20)
     config.eval.queries = 10
-    config.eval.num_episodes = 600
     config.methods = ("maml", "reptile", "multitask", "scratch")
     config.num_steps = 600
     config.overrides.multitask.num_steps = 1800
