@@ -1,18 +1,18 @@
-"""Meta-pretraining for few-shot text classification, with baselines, resumable runs and reports.
+"""The meta-pretraining trainer: meta-train on many tasks, adapt few-shot to held-out ones.
 
-One trainer for every classification task family (CLDR language identification, CLINC150,
-HuffPost, FewRel; meta-training on labeled classes or on self-supervised SMLMT tasks). Methods:
-MAML, FOMAML, Reptile, Meta-SGD, LSLR, ANIL, ProtoNet, and two non-meta baselines with the same
-model, data and number of steps: multi-task pretraining (one softmax over every meta-training
-class) and no pretraining (``scratch``). Every method is evaluated the same way on classes never
-seen in meta-training: a fresh head from the support set's class prototypes, then ``n`` SGD steps
-on the support set (meta-learned methods use their own learned adaptation), accuracy on the
-query set, mean +- 95% CI over the test episodes.
+One trainer for every task family of :mod:`experiments.families` (classification: CLDR language
+identification, CLINC150, HuffPost, FewRel, optionally meta-trained on self-supervised SMLMT
+tasks; extractive QA: XQuAD; translation: CLDR terms, Tatoeba; and a mixed run of several
+families on one shared encoder). Methods: MAML, FOMAML, Reptile, Meta-SGD, LSLR, ANIL,
+ProtoNet, and non-meta baselines with the same model and data: multi-task pretraining,
+no pretraining (``scratch``) and a no-learning n-gram nearest-centroid floor. Every method is
+evaluated on the same held-out episodes after 0..n adaptation steps; mean +- 95% CI.
 
-    python -m experiments.fewshot --config experiments/configs/cldr.py --workdir workdirs/cldr
+    python -m experiments.fewshot                                   # configs/cldr.py
+    python -m experiments.fewshot --config experiments/configs/clinc150.py:runlocal
 
-Writes ``results.json``, ``results.md``, ``accuracy_vs_steps.png``, ``training_curves.png``,
-TensorBoard event files (``tb/<method>``) and ``config.json`` to the workdir. Rerunning the same
+Writes ``results.json``, ``results.md``, PNG plots, TensorBoard event files (``tb/<method>``)
+and ``config.json`` to the workdir (default ``workdirs/<config.name>``). Rerunning the same
 command resumes from the latest good orbax checkpoint (``checkpoints/<method>``); finished
 methods are not retrained.
 """
