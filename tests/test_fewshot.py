@@ -262,3 +262,30 @@ def test_ngram_centroid_matches_a_direct_implementation():
         ]
         expected = float(np.mean(np.asarray(pred) == ep.query["label"]))
         assert families.ngram_centroid_accuracy(ep, 3, len(vocab)) == pytest.approx(expected)
+
+
+def test_hf_initialised_encoder(tmp_path):
+    """A local HF BERT directory (weights + tokenizer) is the starting point of every method."""
+    from flax import nnx
+
+    from metaflax import bert
+    from metaflax.data import cldr, text_sources
+
+    texts = cldr.language_id_examples(["de", "fr", "it"])[0]
+    tokenizer = text_sources.train_wordpiece(texts, vocab_size=500)
+    cfg = bert.BertConfig.tiny(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64)
+    _, params = mf.functionalize(bert.BertEncoder(cfg, rngs=nnx.Rngs(3)))
+    bert.save_pretrained(str(tmp_path / "bert"), params, cfg, tokenizer)
+
+    config = _config(methods=("maml", "scratch"), tokenizer="hf")
+    config.model.hf_path = str(tmp_path / "bert")
+    families = {
+        "cldr": fewshot.make_family(config, text_sources.load_tokenizer(config.model.hf_path))
+    }
+    start = fewshot.merged_params(families)["encoder"]
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the saved weights, not a fresh init
+    results = fewshot.train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["data"]["cldr"]["vocab_size"] == len(tokenizer)
+    with pytest.raises(ValueError, match=r"pass --config\.model\.hf_path"):
+        fewshot.train_and_evaluate(_config(tokenizer="hf"), str(tmp_path / "bad"))
