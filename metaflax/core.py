@@ -51,6 +51,9 @@ def _call_loss(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array):
     return loss, metrics
 
 
+_UNROLL = 5  # inner loops of at most this many steps are unrolled
+
+
 def make_adapt_fn(
     loss_fn: LossFn,
     inner_tx: optax.GradientTransformation,
@@ -108,8 +111,10 @@ def make_adapt_fn(
         if task_init is not None:
             params = task_init(params, support)
         carry = (params, inner_tx.init(params))
+        # Short loops are unrolled (XLA:CPU runs a loop of one or a few small steps noticeably
+        # slower than straight-line code); long ones stay a compact loop.
         (adapted, _), inner_losses = jax.lax.scan(
-            inner_step, carry, jax.random.split(key, num_steps)
+            inner_step, carry, jax.random.split(key, num_steps), unroll=num_steps <= _UNROLL
         )
         return adapted, inner_losses
 
