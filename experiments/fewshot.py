@@ -50,13 +50,6 @@ META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "proton
 BASELINES = ("multitask", "scratch", "ngram_centroid")
 METHODS = META_METHODS + BASELINES
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "cldr.py")
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Outputs and checkpoints (default workdirs/<name>)."
-)
-
 
 def _num_devices(config) -> int:
     available = jax.device_count()
@@ -525,14 +518,24 @@ def _plot(results, config, metrics: dict[str, str], workdir: str) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
+def _flags():
+    """``(config, workdir)`` flags, defined only when run as a script (so that importing
+    several experiment modules, as the tests do, never defines a flag twice)."""
+    config = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "configs", "cldr.py")
+    )
+    workdir = flags.DEFINE_string(
+        "workdir", None, "Outputs and checkpoints (default workdirs/<name>)."
+    )
+    return config, workdir
+
+
+def main(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     warnings.filterwarnings("ignore", message=".*fewer than shots.*")
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir or os.path.join("workdirs", config.name))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flag, workdir_flag = _flags()
+    app.run(lambda argv: main(config_flag.value, workdir_flag.value))

@@ -24,11 +24,6 @@ import metaflax as mf
 from metaflax.models import MLP
 from metaflax.tasks import mse_loss_fn, sample_sinusoid
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "sinusoid.py")
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/sinusoid", "Where outputs are written.")
-
 
 def make_algorithm(name: str, loss_fn, config: ml_collections.ConfigDict) -> mf.MetaAlgorithm:
     """Builds one of the configured algorithms."""
@@ -202,10 +197,20 @@ def _plot(results, fits, config, path):
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+def _flags():
+    """``(config, workdir)`` flags, defined only when run as a script (so that importing
+    several experiment modules, as the tests do, never defines a flag twice)."""
+    config = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "configs", "sinusoid.py")
+    )
+    workdir = flags.DEFINE_string("workdir", "workdirs/sinusoid", "Where outputs are written.")
+    return config, workdir
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flag, workdir_flag = _flags()
+    app.run(lambda argv: main(config_flag.value, workdir_flag.value))
