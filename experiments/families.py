@@ -192,7 +192,7 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
 def _mark_entities(record) -> str:
     """A FewRel sentence with its head and tail entities marked (``[E1] .. [/E1]``)."""
     tokens = [text_sources._text(t) for t in record["tokens"]]
-    (h0, h1), (t0, t1) = record["head"], record["tail"]
+    (h0, h1), (t0, t1) = (int(i) for i in record["head"]), (int(i) for i in record["tail"])
     out = []
     for i, tok in enumerate(tokens):
         out += ["[E1]"] * (i == h0) + ["[E2]"] * (i == t0) + [tok]

@@ -289,3 +289,31 @@ def test_hf_initialised_encoder(tmp_path):
     assert results["data"]["cldr"]["vocab_size"] == len(tokenizer)
     with pytest.raises(ValueError, match=r"pass --config\.model\.hf_path"):
         fewshot.train_and_evaluate(_config(tokenizer="hf"), str(tmp_path / "bad"))
+
+
+def test_fewrel_entities_are_marked():
+    from experiments import families
+
+    record = {
+        "tokens": [b"Marie", b"Curie", b"was", b"born", b"in", b"Warsaw"],
+        "head": np.array([0, 1], np.int32),
+        "tail": np.array([5, 5], np.int32),
+    }
+    assert families._mark_entities(record) == "[E1] Marie Curie [/E1] was born in [E2] Warsaw [/E2]"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["cldr", "cldr_terms", "clinc150", "huffpost", "fewrel", "smlmt", "xquad", "tatoeba", "mixed"],
+)
+def test_every_config_is_valid(name):
+    """Each config (and its runlocal variant) passes the trainer's checks before any data loads."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for arg in (None, "runlocal"):
+        config = module.get_config(arg)
+        fewshot.check_config(config)
+        assert all(m in fewshot.METHODS for m in config.methods)
+    with pytest.raises(ValueError, match="unknown config argument"):
+        module.get_config("runfast")
