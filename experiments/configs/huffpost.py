@@ -3,8 +3,10 @@
     python -m experiments.fewshot --config experiments/configs/huffpost.py
     python -m experiments.fewshot --config experiments/configs/huffpost.py:runlocal
 
-Needs the HuffPost source file (METAFLAX_DATA_DIR=../shared/data, or internet). Expected
-result and wall time: experiments/README.md (filled from a real run).
+Needs the HuffPost source file (METAFLAX_DATA_DIR=../shared/data, or internet).
+Expected (measured 2026-11-29, 2-core CPU, with 3,600 multi-task steps): 15 min 7 s;
+5-way accuracy 1 / 5-shot: MAML 27.3 / 33.8, multi-task 26.8 / 33.1, bag-of-words floor
+25.0 / 30.7 (experiments/README.md).
 """
 
 from experiments.configs import common
