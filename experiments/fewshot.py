@@ -263,7 +263,9 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
     else:
         params = merged_params(families)
         for name, family in families.items():
-            alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
+            # ProtoNet's classifier is always the prototype head, whatever head_init says.
+            task_init = family.baseline_init if method == "protonet" else family.task_init
+            alg = make_algorithm(method, family.loss_fn, task_init, cfg)
             step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
             if _num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
                 mesh = mf.sharding.make_mesh(tasks=_num_devices(cfg))
