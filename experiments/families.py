@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 import metaflax as mf
+from experiments.configs.common import with_fields
 from metaflax import bert, heads, seq2seq
 from metaflax.data import cldr, families, text_sources
 from metaflax.data.sampler import LabeledTokens, episode_sampler
@@ -96,13 +96,6 @@ def make_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
 
 
-def _with(config, **fields):
-    """A copy of ``config`` with ``fields`` replaced."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    out.update(fields)
-    return out
-
-
 def _data_dir(config) -> str | None:
     return config.data_dir or os.environ.get("METAFLAX_DATA_DIR")
 
@@ -114,10 +107,24 @@ def _split_languages(languages, config):
     return train, test
 
 
-def _chunks(config, sample: Callable[[int], Any]):
-    """Meta-test episodes in jitted chunks: ``sample(i)`` is chunk ``i``."""
-    num = -(-config.eval.num_episodes // config.eval.chunk)
-    return [(i, sample(i)) for i in range(num)]
+def _test_chunks(sampler, shots: int, cfg):
+    """``(i, episodes)``: the meta-test episodes, ``eval.chunk`` at a time. They depend only on
+    ``eval.seed`` and ``shots``, so every method sees the same ones."""
+    for i in range(-(-cfg.eval.num_episodes // cfg.eval.chunk)):
+        yield i, sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+
+
+def _evaluate_chunks(one: Callable, params, sampler, shots: int, cfg):
+    """``(episodes, outputs)`` per chunk of :func:`_test_chunks`: ``one(params, episode, key)``
+    jitted and mapped over the chunk's episodes (``eval.batch`` in parallel), on the host."""
+
+    @jax.jit
+    def run(params, episodes, key):
+        keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
+        return jax.lax.map(lambda x: one(params, *x), (episodes, keys), batch_size=cfg.eval.batch)
+
+    for i, episodes in _test_chunks(sampler, shots, cfg):
+        yield episodes, jax.device_get(run(params, episodes, jax.random.key(cfg.eval.seed + i)))
 
 
 def check_counts(tokens: LabeledTokens, need: int, split: str, ways: int) -> None:
@@ -269,7 +276,7 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
     if shared is not None:
         tokenizer = shared.tokenizer
-        config = _with(config, tokenizer="hf")
+        config = with_fields(config, tokenizer="hf")
     encode, tokenizer, vocab_size = _tokenizer(
         config, unlabeled if unlabeled is not None else train_texts, tokenizer
     )
@@ -309,36 +316,21 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
 
-        @jax.jit
-        def run(params, episodes, key):
-            def one(episode, k):
-                return jnp.stack(
-                    [
-                        loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1][
-                            "accuracy"
-                        ]
-                        for n in steps
-                    ]
-                )
-
-            n = jax.tree.leaves(episodes)[0].shape[0]
-            keys = jax.random.split(key, n)
-            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
-
-        out = [
-            np.asarray(run(params, eps, jax.random.key(cfg.eval.seed + i)))
-            for i, eps in _chunks(
-                cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
+        def one(params, episode, k):
+            return jnp.stack(
+                [
+                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]["accuracy"]
+                    for n in steps
+                ]
             )
-        ]
+
+        out = [o for _, o in _evaluate_chunks(one, params, test_sampler, shots, cfg)]
         return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
 
     def centroid_evaluate(shots: int, cfg) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
         accs = []
-        for _, eps in _chunks(
-            cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
-        ):
+        for _, eps in _test_chunks(test_sampler, shots, cfg):
             for e in range(eps.support["tokens"].shape[0]):
                 episode = jax.tree.map(lambda x, e=e: x[e], eps)
                 accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size))
@@ -509,34 +501,25 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             test_pairs, enc_src, enc_tgt, shots=shots, queries=cfg.eval.queries
         )
 
-        @jax.jit
-        def run(params, episodes, key):
-            def one(episode, k):
-                q = episode.query
-                return jnp.stack(
-                    [
-                        seq2seq.greedy_decode(
-                            apply_fn,
-                            adapt(params, episode.support, k, n),
-                            q["src"],
-                            q["src_mask"],
-                            bos_id=bos,
-                            eos_id=eos,
-                            max_len=tgt_len,
-                        )
-                        for n in steps
-                    ]
-                )
-
-            n = jax.tree.leaves(episodes)[0].shape[0]
-            keys = jax.random.split(key, n)
-            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
+        def one(params, episode, k):
+            q = episode.query
+            return jnp.stack(
+                [
+                    seq2seq.greedy_decode(
+                        apply_fn,
+                        adapt(params, episode.support, k, n),
+                        q["src"],
+                        q["src_mask"],
+                        bos_id=bos,
+                        eos_id=eos,
+                        max_len=tgt_len,
+                    )
+                    for n in steps
+                ]
+            )
 
         scores = {"chrf": [], "bleu": []}
-        for i, eps in _chunks(
-            cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
-        ):
-            decoded = np.asarray(run(params, eps, jax.random.key(cfg.eval.seed + i)))
+        for eps, decoded in _evaluate_chunks(one, params, test_sampler, shots, cfg):
             for e in range(decoded.shape[0]):  # [episodes, steps, queries, len]
                 refs = [decode(t) for t in eps.query["tgt"][e]]
                 per_steps = [
@@ -653,25 +636,13 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
                 tokenized=test_tok,
             )
 
-        @jax.jit
-        def run(params, episodes, key):
-            def one(episode, k):
-                out = [
-                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]
-                    for n in steps
-                ]
-                return {m: jnp.stack([o[m] for o in out]) for m in ("f1", "exact_match")}
+        def one(params, episode, k):
+            out = [
+                loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1] for n in steps
+            ]
+            return {m: jnp.stack([o[m] for o in out]) for m in ("f1", "exact_match")}
 
-            n = jax.tree.leaves(episodes)[0].shape[0]
-            keys = jax.random.split(key, n)
-            return jax.lax.map(lambda x: one(*x), (episodes, keys), batch_size=cfg.eval.batch)
-
-        out = [
-            jax.device_get(run(params, eps, jax.random.key(cfg.eval.seed + i)))
-            for i, eps in _chunks(
-                cfg, lambda i: test_sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
-            )
-        ]
+        out = [o for _, o in _evaluate_chunks(one, params, test_sampler, shots, cfg)]
         return {
             m: np.concatenate([o[m] for o in out])[: cfg.eval.num_episodes]
             for m in ("f1", "exact_match")
@@ -708,7 +679,7 @@ def mixed_families(config) -> dict[str, Family]:
     their meta-training text and one BERT encoder shared by the classification head, the span
     head and the translation decoder. Per-dataset settings in ``config.mixed.overrides``."""
     subs = {
-        name: _with(config, dataset=name, **config.mixed.overrides.to_dict().get(name, {}))
+        name: with_fields(config, dataset=name, **config.mixed.overrides.to_dict().get(name, {}))
         for name in config.mixed.datasets
     }
     unknown = sorted(set(subs) - set(DATASETS))
@@ -724,5 +695,5 @@ def mixed_families(config) -> dict[str, Family]:
             texts += [t for p in translation_pairs(sub)[0].values() for pair in p for t in pair]
     tokenizer = text_sources.train_wordpiece(texts, config.wordpiece_vocab)
     max_len = max(sub.max_len for sub in subs.values())
-    shared = Shared(tokenizer, make_encoder(_with(config, max_len=max_len), len(tokenizer)))
+    shared = Shared(tokenizer, make_encoder(with_fields(config, max_len=max_len), len(tokenizer)))
     return {name: make_family(sub, shared=shared) for name, sub in subs.items()}

@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import metaflax as mf
+from experiments.configs.common import with_fields
 from experiments.families import (
     CLASSIFICATION,
     DATASETS,
@@ -95,9 +96,7 @@ def check_config(config) -> None:
 
 
 def _method_config(config, method):
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.update(config.overrides.to_dict().get(method, {}))
-    return cfg
+    return with_fields(config, **config.overrides.to_dict().get(method, {}))
 
 
 def _outer_tx(cfg):

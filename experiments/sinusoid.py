@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import metaflax as mf
+from experiments.configs.common import with_fields
 from metaflax.models import MLP
 from metaflax.tasks import mse_loss_fn, sample_sinusoid
 
@@ -48,9 +49,7 @@ def make_algorithm(name: str, loss_fn, config: ml_collections.ConfigDict) -> mf.
 
 
 def _algorithm_config(config, name):
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.update(config.overrides.to_dict().get(name, {}))
-    return cfg
+    return with_fields(config, **config.overrides.to_dict().get(name, {}))
 
 
 def meta_train(alg: mf.MetaAlgorithm, params, config, key, desc: str):

@@ -196,6 +196,27 @@ def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> N
     map_tasks(lambda x: x, task_map)  # validates task_map
 
 
+def _query_loss_after(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
+    """``meta_loss``: the mean over tasks of the query loss after ``adapt`` on the support set."""
+
+    def meta_loss(meta_params, episodes, key):
+        num_tasks = check_episodes(episodes)
+
+        def one_task(episode, task_key):
+            inner_key, query_key = jax.random.split(task_key)
+            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
+            loss, metrics = loss_fn(adapted, episode.query, query_key)
+            return loss, metrics, inner_losses
+
+        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
+            episodes, task_keys(key, num_tasks)
+        )
+        metrics = _task_metrics(losses, metrics, inner_losses)
+        return metrics["loss"], metrics
+
+    return meta_loss
+
+
 def _grad_of(meta_loss: Callable) -> Callable:
     """``meta_grad``: the gradient of ``meta_loss`` w.r.t. the meta-parameters, with metrics."""
 
@@ -240,21 +261,7 @@ def _maml_family(
         )
         return fn(params, support, key)
 
-    def meta_loss(meta_params, episodes, key):
-        num_tasks = check_episodes(episodes)
-
-        def one_task(episode, task_key):
-            inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
-            loss, metrics = loss_fn(adapted, episode.query, query_key)
-            return loss, metrics, inner_losses
-
-        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
-            episodes, task_keys(key, num_tasks)
-        )
-        metrics = _task_metrics(losses, metrics, inner_losses)
-        return metrics["loss"], metrics
-
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
     return _assemble(init_meta, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 
@@ -534,20 +541,7 @@ def protonet(
         del key, num_steps
         return task_init(meta_params, support), jnp.zeros((0,))
 
-    def meta_loss(meta_params, episodes, key):
-        num_tasks = check_episodes(episodes)
-
-        def one_task(episode, task_key):
-            adapted, inner_losses = adapt(meta_params, episode.support, task_key)
-            loss, metrics = loss_fn(adapted, episode.query, task_key)
-            return loss, metrics, inner_losses
-
-        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
-            episodes, task_keys(key, num_tasks)
-        )
-        metrics = _task_metrics(losses, metrics, inner_losses)
-        return metrics["loss"], metrics
-
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
     return _assemble(lambda params: params, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 

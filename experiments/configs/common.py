@@ -3,6 +3,14 @@
 import ml_collections
 
 
+def with_fields(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``fields`` replaced; a nested ConfigDict given as a dict is
+    updated field by field (``b={"c": 5}`` keeps ``b.d``): per-method and per-dataset overrides."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.update(fields)
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "fewshot"
