@@ -111,12 +111,19 @@ def make_adapt_fn(
         if task_init is not None:
             params = task_init(params, support)
         carry = (params, inner_tx.init(params))
-        # Short loops are unrolled (XLA:CPU runs a loop of one or a few small steps noticeably
-        # slower than straight-line code); long ones stay a compact loop.
-        (adapted, _), inner_losses = jax.lax.scan(
-            inner_step, carry, jax.random.split(key, num_steps), unroll=num_steps <= _UNROLL
-        )
-        return adapted, inner_losses
+        step_keys = jax.random.split(key, num_steps)
+        if num_steps > _UNROLL:  # long loops stay a compact loop
+            (adapted, _), inner_losses = jax.lax.scan(inner_step, carry, step_keys)
+            return adapted, inner_losses
+        # Short loops are written out step by step, not as a scan: under vmap a scan's carry is
+        # batched from the start, so the meta-parameters would be broadcast to every task before
+        # the first step (and its backward pass would run per-task matmuls then sum them);
+        # straight-line code keeps the first step on the shared parameters.
+        losses = []
+        for step_key in step_keys:
+            carry, loss = inner_step(carry, step_key)
+            losses.append(loss)
+        return carry[0], jnp.stack(losses)
 
     return adapt
 
