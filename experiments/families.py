@@ -57,6 +57,8 @@ class Family(NamedTuple):
       to_task_params: turns pretrained baseline parameters into per-task ones (e.g. a fresh head).
       evaluate: ``evaluate(adapt, params, shots, steps, cfg) -> {metric: [episodes, steps]}`` on
         meta-test tasks, the same episodes for every method.
+      val_evaluate: the same on meta-validation classes (used to choose the baselines'
+        test-time learning rate), or None where the family has none.
       centroid_evaluate: ``(shots, cfg) -> {metric: [episodes]}`` of the no-learning floor
         (n-gram nearest centroid) on the same episodes; None where it does not apply.
       info: sizes, for the report.
@@ -74,6 +76,7 @@ class Family(NamedTuple):
     examples_per_step: int
     to_task_params: Callable
     evaluate: Callable
+    val_evaluate: Callable | None
     centroid_evaluate: Callable | None
     info: dict
 
@@ -146,17 +149,22 @@ def check_counts(tokens: LabeledTokens, need: int, split: str, ways: int) -> Non
 # Classification.
 
 
-def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
-    """``(train_texts, train_labels, test_texts, test_labels)``, disjoint classes."""
+def labeled_texts(config) -> tuple[list[str], ...]:
+    """``(train_texts, train_labels, val_texts, val_labels, test_texts, test_labels)`` with
+    disjoint classes; the meta-validation classes (empty for FewRel) choose the baselines'
+    test-time learning rate and are never trained on."""
     from metaflax.data import builders
 
     name = config.dataset
     if name == "cldr":
-        train_langs, test_langs = _split_languages(
-            sorted(cldr.cldr_terms(config.languages.min_cldr_terms)), config
+        splits = cldr.language_split(  # the test languages do not depend on num_val
+            sorted(cldr.cldr_terms(config.languages.min_cldr_terms)),
+            config.languages.num_test,
+            config.languages.num_val,
+            seed=config.languages.split_seed,
         )
         out = []
-        for langs in (train_langs, test_langs):
+        for langs in splits:
             texts, labels, names = cldr.language_id_examples(langs)
             out += [texts, [names[i] for i in labels]]
         return tuple(out)
@@ -170,17 +178,16 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
         texts, labels = text_sources.records_to_texts(records, "text", "intent")
         domains = [text_sources._text(r["domain"]) for r in records]
         groups = text_sources.classes_by_group(labels, domains)
-        unknown = sorted(set(config.clinc.test_domains) - set(groups))
+        unknown = sorted(set(config.clinc.test_domains + config.clinc.val_domains) - set(groups))
         if unknown:
             raise ValueError(f"unknown CLINC150 domains {unknown}; valid: {sorted(groups)}.")
         test_classes = {c for d in config.clinc.test_domains for c in groups[d]}
+        val_classes = {c for d in config.clinc.val_domains for c in groups[d]}
     elif name == "huffpost":
         records = builders.records("huffpost", "train", source_dir=src)
         texts, labels = text_sources.records_to_texts(records, "text", "label")
         test_classes = {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["test"]}
-        keep_classes = test_classes | {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["train"]}
-        keep = [i for i, c in enumerate(labels) if c in keep_classes]  # meta-val classes unused
-        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        val_classes = {str(c) for c in builders.HUFFPOST_CLASS_SPLIT["val"]}
     else:  # fewrel
         texts, labels = [], []
         for domain in (config.fewrel.train_domain, config.fewrel.test_domain):
@@ -188,9 +195,10 @@ def labeled_texts(config) -> tuple[list[str], list[str], list[str], list[str]]:
                 texts.append(_mark_entities(r))
                 labels.append(f"{domain}/{text_sources._text(r['relation'])}")
         test_classes = {c for c in labels if c.startswith(config.fewrel.test_domain + "/")}
-    split = [[], [], [], []]
+        val_classes = set()
+    split = [[], [], [], [], [], []]
     for text, label in zip(texts, labels, strict=True):
-        k = 2 if label in test_classes else 0
+        k = 4 if label in test_classes else 2 if label in val_classes else 0
         split[k].append(text)
         split[k + 1].append(label)
     return tuple(split)
@@ -263,7 +271,9 @@ def make_encoder(config, vocab_size: int):
 
 def classification_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """Few-shot classification on classes never seen in meta-training; accuracy."""
-    train_texts, train_labels, test_texts, test_labels = labeled_texts(config)
+    train_texts, train_labels, val_texts, val_labels, test_texts, test_labels = labeled_texts(
+        config
+    )
     unlabeled = None
     if config.meta_train_on == "smlmt":
         from metaflax.data import builders
@@ -280,8 +290,13 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     encode, tokenizer, vocab_size = _tokenizer(
         config, unlabeled if unlabeled is not None else train_texts, tokenizer
     )
+    need = max(config.eval.shots) + config.eval.queries
     test = encode(test_texts, test_labels)
-    check_counts(test, max(config.eval.shots) + config.eval.queries, "meta-test", config.ways)
+    check_counts(test, need, "meta-test", config.ways)
+    val = None
+    if val_texts:
+        val = encode(val_texts, val_labels)
+        check_counts(val, need, "meta-validation", config.ways)
     if unlabeled is not None:
         train = None
         sampler = families.smlmt_sampler(
@@ -313,19 +328,24 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     def to_task_params(params):  # the pretraining head is replaced by a ways-sized one
         return {**params, "head": heads.init_classifier(None, hidden, ways)["head"]}
 
-    def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
-        test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
+    def evaluate_on(tokens: LabeledTokens):
+        def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
+            sampler = episode_sampler(tokens, ways=ways, shots=shots, queries=cfg.eval.queries)
 
-        def one(params, episode, k):
-            return jnp.stack(
-                [
-                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]["accuracy"]
-                    for n in steps
-                ]
-            )
+            def one(params, episode, k):
+                return jnp.stack(
+                    [
+                        loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1][
+                            "accuracy"
+                        ]
+                        for n in steps
+                    ]
+                )
 
-        out = [o for _, o in _evaluate_chunks(one, params, test_sampler, shots, cfg)]
-        return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
+            out = [o for _, o in _evaluate_chunks(one, params, sampler, shots, cfg)]
+            return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
+
+        return evaluate
 
     def centroid_evaluate(shots: int, cfg) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
@@ -350,10 +370,12 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         multitask_batch=None if train is None else multitask_batch,
         examples_per_step=per_step,
         to_task_params=to_task_params,
-        evaluate=evaluate,
+        evaluate=evaluate_on(test),
+        val_evaluate=None if val is None else evaluate_on(val),
         centroid_evaluate=centroid_evaluate,
         info={
             "meta_train_classes": 0 if train is None else len(train.class_names),
+            "meta_val_classes": 0 if val is None else len(val.class_names),
             "meta_test_classes": len(test.class_names),
             "test_class_names": list(test.class_names),
             "vocab_size": vocab_size,
@@ -543,6 +565,7 @@ def translation_family(config, shared: Shared | None = None) -> Family:
         examples_per_step=per_step,
         to_task_params=lambda p: p,
         evaluate=evaluate,
+        val_evaluate=None,
         centroid_evaluate=None,
         info={
             "meta_train_languages": sorted(train_pairs),
@@ -661,6 +684,7 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
         examples_per_step=per_step,
         to_task_params=lambda p: p,
         evaluate=evaluate,
+        val_evaluate=None,
         centroid_evaluate=None,
         info={
             "meta_train_questions": len(train_ex),

@@ -49,6 +49,7 @@ from metaflax.data import text_sources
 
 META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
 BASELINES = ("multitask", "scratch", "ngram_centroid")
+FINE_TUNED = ("protonet", "multitask", "scratch")  # adapted at test by plain SGD fine-tuning
 METHODS = META_METHODS + BASELINES
 
 
@@ -354,15 +355,42 @@ def _tensorboard(workdir: str, method: str):
 # Evaluation on meta-test classes / languages.
 
 
-def make_test_adapt(method: str, cfg, family: Family):
+def select_test_lr(params, shots: int, cfg, family: Family) -> float:
+    """The test-time SGD learning rate of ProtoNet and the baselines at ``shots``: the best of
+    ``eval.lr_grid`` after ``eval.report_steps`` steps on ``eval.val_episodes`` episodes of the
+    meta-validation classes (never trained on, disjoint from the test classes); ``eval.inner_lr``
+    where the family has no validation classes."""
+    if family.val_evaluate is None:
+        return cfg.eval.inner_lr
+    val_cfg = with_fields(
+        cfg, eval={"num_episodes": cfg.eval.val_episodes, "seed": cfg.eval.seed + 500}
+    )
+    means = [
+        float(
+            np.mean(
+                family.val_evaluate(
+                    fine_tune_adapt(family.loss_fn, lr, family.baseline_init),
+                    params,
+                    shots,
+                    (cfg.eval.report_steps,),
+                    val_cfg,
+                )[family.metrics[0]]
+            )
+        )
+        for lr in cfg.eval.lr_grid
+    ]
+    return cfg.eval.lr_grid[int(np.argmax(means))]
+
+
+def make_test_adapt(method: str, cfg, family: Family, lr: float | None = None):
     """``adapt(params, support, key, num_steps) -> params`` as each method adapts at test time.
 
     Meta-learned methods use their own adaptation (learned inner LRs, ANIL's head-only updates);
-    ProtoNet and the baselines fine-tune everything with SGD at ``eval.inner_lr`` (from the
-    prototype head, for classification). ``num_steps=0`` is no gradient step at all.
+    ProtoNet and the baselines fine-tune everything with SGD at ``lr`` (from the prototype head,
+    for classification; see :func:`select_test_lr`). ``num_steps=0`` is no gradient step at all.
     """
-    if method in ("protonet", *BASELINES):
-        return fine_tune_adapt(family.loss_fn, cfg.eval.inner_lr, family.baseline_init)
+    if method in FINE_TUNED:
+        return fine_tune_adapt(family.loss_fn, lr, family.baseline_init)
     alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
 
     def adapt(params, support, key, num_steps):
@@ -376,16 +404,20 @@ def make_test_adapt(method: str, cfg, family: Family):
 
 def evaluate(method: str, params, cfg, family: Family) -> dict:
     """``{"<k>-shot/<n>-step": {metric: {"mean", "ci95"}}}`` on ``eval.num_episodes`` meta-test
-    episodes per shots setting (the same episodes for every method)."""
+    episodes per shots setting (the same episodes for every method), plus ``"<k>-shot/lr"``: the
+    test-time learning rate chosen on validation classes (fine-tuned methods only)."""
     if method in BASELINES:
         params = family.to_task_params(params)
-    adapt = make_test_adapt(method, cfg, family)
     out = {}
     for shots in cfg.eval.shots:
         if method == "ngram_centroid":  # no learning, no adaptation: the same at every step
             scores = family.centroid_evaluate(shots, cfg)
             scores = {m: np.repeat(v[:, None], len(cfg.eval.steps), 1) for m, v in scores.items()}
         else:
+            lr = None
+            if method in FINE_TUNED:
+                lr = out[f"{shots}-shot/lr"] = select_test_lr(params, shots, cfg, family)
+            adapt = make_test_adapt(method, cfg, family, lr)
             scores = family.evaluate(adapt, params, shots, tuple(cfg.eval.steps), cfg)
         for j, n in enumerate(cfg.eval.steps):
             out[f"{shots}-shot/{n}-step"] = {
@@ -457,11 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def results_table(results: dict, config, family: str, metric: str) -> str:
     """Markdown: one row per method; per shots, ``metric`` before adaptation (0 steps: for
     classification the prototype head) and after the method's ``eval.report_steps`` steps
-    (mean +- 95% CI over test episodes, in %)."""
+    (mean +- 95% CI over test episodes, in %); ``test lr``: the fine-tuning learning rate per
+    shots chosen on validation classes (ProtoNet and the baselines)."""
     shots = config.eval.shots
     head = f"| method ({metric}, {config.eval.num_episodes} test episodes) | "
     head += " | ".join(f"{k}-shot, 0 steps | {k}-shot, adapted" for k in shots)
-    lines = [head + " | adapt steps | train s |", "|---" * (2 * len(shots) + 3) + "|"]
+    lines = [head + " | adapt steps | test lr | train s |", "|---" * (2 * len(shots) + 4) + "|"]
     for name, entry in results["methods"].items():
         if family not in entry["scores"]:
             continue
@@ -470,10 +503,12 @@ def results_table(results: dict, config, family: str, metric: str) -> str:
             for n in (0, entry["report_steps"]):
                 c = entry["scores"][family][f"{k}-shot/{n}-step"][metric]
                 cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
+        lrs = [entry["scores"][family].get(f"{k}-shot/lr") for k in shots]
+        lr_cell = " / ".join(f"{x:g}" for x in lrs) if None not in lrs else "-"
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
-            + f" | {entry['report_steps']} | {entry['train_seconds']:.0f} |"
+            + f" | {entry['report_steps']} | {lr_cell} | {entry['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 

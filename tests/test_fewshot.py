@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import metaflax as mf
-from experiments import fewshot
+from experiments import families, fewshot
 from experiments.configs import cldr as cldr_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -43,6 +43,11 @@ def test_pipeline_end_to_end(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in events)
     # Disjoint meta-train / meta-test languages.
     assert saved["data"]["cldr"]["meta_test_classes"] == 8
+    # The fine-tuned methods' test-time learning rate was chosen from the grid, per shots.
+    for m in ("protonet", "multitask", "scratch"):
+        for k in config.eval.shots:
+            assert saved["methods"][m]["scores"]["cldr"][f"{k}-shot/lr"] in config.eval.lr_grid
+    assert "-shot/lr" not in str(list(saved["methods"]["maml"]["scores"]["cldr"]))
     # 0 steps = the prototype classifier: for ProtoNet and scratch, the same as nearest-centroid
     # on the encoder's features, so above chance on every method (chance = 20%).
     for m in saved["methods"].values():
@@ -55,6 +60,16 @@ def test_pipeline_end_to_end(tmp_path):
     again = fewshot.train_and_evaluate(config, str(tmp_path))
     assert again["methods"] == saved["methods"]
     assert time.perf_counter() - start < 30
+
+
+def test_validation_classes_are_disjoint_and_leave_the_test_classes_alone():
+    config = _config()
+    train, val, test = (set(labels) for labels in families.labeled_texts(config)[1::2])
+    assert len(val) == config.languages.num_val and len(test) == config.languages.num_test
+    assert not (train & val or train & test or val & test)
+    no_val = families.labeled_texts(_config(languages={**config.languages, "num_val": 0}))
+    assert set(no_val[5]) == test and not no_val[2]
+    assert set(no_val[1]) == train | val
 
 
 def test_protonet_head_is_nearest_centroid():

@@ -67,7 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The table's "adapted" column: the steps each method is reported at (meta-learners: the
     # inner steps they were trained with; set per method in overrides).
     config.eval.report_steps = 1
-    config.eval.inner_lr = 0.01  # fine-tuning LR for ProtoNet and the baselines
+    # ProtoNet and the baselines fine-tune at test with SGD at the learning rate of lr_grid that
+    # scores best on val_episodes episodes of the meta-validation classes (per shots setting);
+    # at inner_lr where a dataset has no validation classes (FewRel, QA, translation).
+    config.eval.lr_grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    config.eval.val_episodes = 100
+    config.eval.inner_lr = 0.01
     config.eval.chunk = 100  # episodes per jitted evaluation call
     config.eval.batch = 25  # episodes adapted in parallel
     config.eval.seed = 1000
@@ -75,9 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.languages = ml_collections.ConfigDict()  # CLDR and Tatoeba: split by language
     config.languages.min_cldr_terms = 800  # CLDR languages with >= this many terms (127)
     config.languages.num_test = 25  # held-out languages (meta-test)
+    config.languages.num_val = 10  # CLDR language ID: meta-validation languages
     config.languages.split_seed = 0
     config.clinc = ml_collections.ConfigDict()
     config.clinc.test_domains = ("banking", "credit_cards", "travel")
+    config.clinc.val_domains = ("home",)
     config.fewrel = ml_collections.ConfigDict()
     config.fewrel.train_domain = "wiki"
     config.fewrel.test_domain = "nyt"
@@ -100,6 +107,8 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.mlp = 64
     config.model.layers = 1
     config.eval.num_episodes = 20
+    config.eval.val_episodes = 10
+    config.eval.lr_grid = (0.001, 0.01)
     config.eval.chunk = 10
     config.eval.batch = 10
     config.eval.steps = (0, 1)
