@@ -34,14 +34,20 @@ class MLP(nnx.Module):
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling with stride 2 ('VALID': odd edges are dropped), as a reshape + max.
+    """2x2 max-pooling with stride 2 ('VALID': odd edges are dropped), as elementwise maxima of
+    the four strided sub-grids.
 
     Equal to ``nnx.max_pool(x, (2, 2), (2, 2))``, but its gradient is a select instead of XLA's
-    select-and-scatter, which is much faster to differentiate twice on CPU.
+    select-and-scatter, which is much faster to differentiate twice on CPU. Not a reshape + max
+    reduction: that gradient compares the input with the reduced output, and in a compiled,
+    vmapped MAML step of two or more inner steps XLA:CPU computed the two with different
+    roundings, so the meta-gradient came out silently wrong (22% off in float64; the pairwise
+    form agrees with a sequential ``task_map`` to 1e-15, ``tests/test_models.py``).
     """
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    top = jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
+    return jnp.maximum(top, jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -136,9 +142,11 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, d = x.shape  # x: [batch, seq, dim]; mask: [batch, seq]
         q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3 * self.num_heads, -1), 3, 2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(x.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # softmax in >= float32, also under bf16
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        logits = logits / jnp.sqrt(q.shape[-1]).astype(logits.dtype)
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
         x = x + self.out(attn.reshape(b, t, d))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
 
