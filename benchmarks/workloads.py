@@ -32,6 +32,7 @@ def classification_loss_fn(apply_fn, inputs=("x",)):
     def loss_fn(params, batch, key):
         del key
         logits = apply_fn(params, *(batch[k] for k in inputs))
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32
         labels = batch["label"]
         loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}

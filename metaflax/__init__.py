@@ -20,7 +20,7 @@ from metaflax.algorithms import (
     scale_by_learned_lr,
     scale_by_per_step_lr,
 )
-from metaflax.core import Episode, check_episodes, make_adapt_fn, map_tasks
+from metaflax.core import Episode, check_episodes, make_adapt_fn, map_tasks, mixed_precision
 from metaflax.evaluation import mean_ci95
 from metaflax.functional import functionalize
 
@@ -42,6 +42,7 @@ __all__ = [
     "map_tasks",
     "mean_ci95",
     "meta_sgd",
+    "mixed_precision",
     "path_filter",
     "protonet",
     "reptile",

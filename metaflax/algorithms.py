@@ -243,7 +243,7 @@ def _maml_family(
     init_meta: Callable[[PyTree], PyTree],
     inner_parts: Callable[[PyTree], tuple[PyTree, optax.GradientTransformation]],
     first_order: bool,
-    remat: bool,
+    remat: bool | int,
     task_map: str | int,
     task_init: Callable | None,
 ) -> MetaAlgorithm:
@@ -272,7 +272,7 @@ def maml(
     outer_tx: optax.GradientTransformation,
     num_inner_steps: int,
     first_order: bool = False,
-    remat: bool = False,
+    remat: bool | int = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,
@@ -290,7 +290,8 @@ def maml(
       outer_tx: the outer (meta) optimizer.
       num_inner_steps: inner updates per task during meta-training.
       first_order: FOMAML.
-      remat: checkpoint each inner step (memory flat in ``num_inner_steps``).
+      remat: checkpoint each inner step (activation memory flat in ``num_inner_steps``);
+        an int ``c >= 2`` checkpoints segments of ``c`` steps too (fewer params copies kept).
       task_map: ``"vmap"``, ``"scan"`` or an int chunk size: how tasks are mapped.
       adapt_mask: bool pytree or ``params -> bool pytree``; ``None`` adapts everything.
       task_init: ``task_init(params, support) -> params`` before the inner loop (e.g.
@@ -368,7 +369,7 @@ def meta_sgd(
     init_lr: float,
     inner_tx: optax.GradientTransformation | None = None,
     first_order: bool = False,
-    remat: bool = False,
+    remat: bool | int = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,
@@ -410,7 +411,7 @@ def lslr(
     init_lr: float,
     inner_tx: optax.GradientTransformation | None = None,
     first_order: bool = False,
-    remat: bool = False,
+    remat: bool | int = False,
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,

@@ -51,7 +51,90 @@ def _call_loss(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array):
     return loss, metrics
 
 
+def mixed_precision(loss_fn: LossFn, compute_dtype: Any = jnp.bfloat16) -> LossFn:
+    """Wraps ``loss_fn`` to compute in ``compute_dtype`` (bfloat16) on float32 parameters.
+
+    The floating leaves of the params and of the batch are cast to ``compute_dtype`` on the way
+    in; the loss and the floating metrics come out in at least float32. The cast is
+    differentiable and its gradient is cast back, so gradients have the params' own dtype: the
+    meta-parameters, the inner and outer optimizer states, the inner updates and the
+    meta-gradient all stay float32, and only the model's arithmetic (matmuls, activations) runs
+    in bfloat16. Integer and boolean leaves (tokens, labels, masks) pass unchanged.
+
+    Softmaxes, log-softmaxes and normalisation statistics are best kept in float32 inside the
+    model and the loss; metaflax's models and heads do (``nnx.LayerNorm`` computes its
+    statistics in float32). ``benchmarks/precision.py`` measures the speed and the meta-gradient
+    error this gives.
+
+    >>> import jax, jax.numpy as jnp
+    >>> loss_fn = mixed_precision(lambda p, b, k: (jnp.sum(b @ p), {}))
+    >>> loss, grads = jax.value_and_grad(lambda p: loss_fn(p, jnp.ones((2, 3)), None)[0])(
+    ...     jnp.ones(3))
+    >>> loss.dtype, grads.dtype
+    (dtype('float32'), dtype('float32'))
+    """
+    dtype = jnp.dtype(compute_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype={dtype} must be a floating dtype, e.g. jnp.bfloat16.")
+
+    def cast_floating(tree, dtype_fn):  # dtype_fn: a floating leaf's dtype -> its new dtype
+        def leaf(x):
+            old = jnp.result_type(x)
+            return jnp.asarray(x).astype(dtype_fn(old)) if jnp.issubdtype(old, jnp.floating) else x
+
+        return jax.tree.map(leaf, tree)
+
+    def wrapped(params, batch, key):
+        to_compute = lambda _: dtype  # noqa: E731
+        loss, metrics = _call_loss(
+            loss_fn, cast_floating(params, to_compute), cast_floating(batch, to_compute), key
+        )
+        at_least_f32 = lambda d: jnp.promote_types(d, jnp.float32)  # noqa: E731
+        return cast_floating(loss, at_least_f32), cast_floating(metrics, at_least_f32)
+
+    return wrapped
+
+
 _UNROLL = 5  # inner loops of at most this many steps are unrolled
+
+
+def _remat_segment(remat: bool | int) -> int:
+    """0 (no remat), 1 (checkpoint every inner step) or c >= 2 (segments of c steps)."""
+    if isinstance(remat, bool):
+        return int(remat)
+    if isinstance(remat, int) and remat >= 0:
+        return remat
+    raise ValueError(
+        f"remat={remat!r} is not valid: use False, True (checkpoint every inner step) or an "
+        "int c >= 2 (two-level checkpointing in segments of c inner steps)."
+    )
+
+
+def _checkpointed_loop(step: Callable, carry: PyTree, keys: jax.Array, segment: int):
+    """``lax.scan(step, carry, keys)`` with ``step`` checkpointed, in segments of ``segment``.
+
+    ``segment == 1``: the backward pass keeps one carry per step. ``segment = c > 1``: it keeps
+    one carry per segment and recomputes each segment (one carry per step within it) when its
+    turn comes, so ``num_steps / c + c`` carries instead of ``num_steps``, for one more forward
+    pass of the inner steps. Always a loop: written out as straight-line code, XLA (CPU at least)
+    runs the recomputation early and keeps every step's activations anyway.
+    """
+    n = keys.shape[0]
+    full, rest = divmod(n, segment) if segment > 1 else (0, n)
+    losses = []
+    if full:
+
+        @jax.checkpoint
+        def run_segment(carry, segment_keys):
+            return jax.lax.scan(step, carry, segment_keys)
+
+        segment_keys = keys[: full * segment].reshape(full, segment, *keys.shape[1:])
+        carry, seg_losses = jax.lax.scan(run_segment, carry, segment_keys)
+        losses.append(seg_losses.reshape(-1))
+    if rest:
+        carry, tail_losses = jax.lax.scan(step, carry, keys[full * segment :])
+        losses.append(tail_losses)
+    return carry, jnp.concatenate(losses)
 
 
 def make_adapt_fn(
@@ -60,7 +143,7 @@ def make_adapt_fn(
     num_steps: int,
     *,
     first_order: bool = False,
-    remat: bool = False,
+    remat: bool | int = False,
     task_init: Callable[[PyTree, PyTree], PyTree] | None = None,
 ) -> AdaptFn:
     """Builds the inner loop: ``num_steps`` updates of ``inner_tx`` on the support loss.
@@ -69,14 +152,18 @@ def make_adapt_fn(
     differentiating through ``adapt`` is exact second order through the optimizer's updates and
     state (SGD, Adam, clipping chains, ...). ``first_order=True`` treats every inner update as a
     constant (FOMAML): d adapted / d params is the identity. ``remat=True`` recomputes each
-    inner step in the backward pass, so activation memory does not grow with ``num_steps``.
+    inner step in the backward pass, so activation memory does not grow with ``num_steps``; what
+    still grows is one copy of the params (the scan's carry) per step, which ``remat=c`` cuts to
+    about ``num_steps / c + c`` copies (``c ~ sqrt(num_steps)``; see benchmarks/README.md).
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> (scalar_loss, metrics_dict)``.
       inner_tx: any ``optax.GradientTransformation``.
       num_steps: number of inner updates, >= 1.
       first_order: stop gradients through the inner updates.
-      remat: checkpoint each inner step (``jax.checkpoint`` inside the scan).
+      remat: ``True`` checkpoints each inner step (``jax.checkpoint`` inside the scan); an int
+        ``c >= 2`` also checkpoints segments of ``c`` steps (two-level checkpointing: fewer
+        stored params copies, one more forward pass of the inner loop). Same numbers either way.
       task_init: optional ``task_init(params, support) -> params`` applied before the first
         inner step, differentiably: e.g. a classification head set from the support set's
         class prototypes (Proto-MAML) or zeroed per task (see :mod:`metaflax.heads`).
@@ -94,6 +181,7 @@ def make_adapt_fn(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1 (the number of inner updates).")
+    segment = _remat_segment(remat)
 
     def adapt(params: PyTree, support: PyTree, key: jax.Array):
         def inner_step(carry, step_key):
@@ -106,12 +194,15 @@ def make_adapt_fn(
                 updates = jax.lax.stop_gradient(updates)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        if remat:
-            inner_step = jax.checkpoint(inner_step)
         if task_init is not None:
             params = task_init(params, support)
         carry = (params, inner_tx.init(params))
         step_keys = jax.random.split(key, num_steps)
+        if segment:  # always a loop: see _checkpointed_loop
+            (adapted, _), inner_losses = _checkpointed_loop(
+                jax.checkpoint(inner_step), carry, step_keys, segment
+            )
+            return adapted, inner_losses
         if num_steps > _UNROLL:  # long loops stay a compact loop
             (adapted, _), inner_losses = jax.lax.scan(inner_step, carry, step_keys)
             return adapted, inner_losses

@@ -37,7 +37,7 @@ def init_classifier(encoder_params: PyTree, hidden: int, ways: int) -> dict:
 
 
 def _cross_entropy(logits, labels, weights):
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
     nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

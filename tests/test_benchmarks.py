@@ -1,10 +1,17 @@
 """The hand-written reference steps of benchmarks/reference.py compute what metaflax computes."""
 
+import functools
+import json
+
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 from helpers import tree_allclose
 
-from benchmarks import reference, workloads
+import metaflax as mf
+from benchmarks import gpu, reference, workloads
+from metaflax.models import Conv4, TextClassifier
 
 
 @pytest.mark.parametrize("kind", reference.KINDS)
@@ -16,3 +23,134 @@ def test_reference_step_equals_metaflax(kind):
     params, _, loss = jax.jit(step)(w.params, outer.init(w.params), w.episodes, jax.random.key(0))
     assert tree_allclose(params, state.meta_params, rtol=1e-6, atol=1e-7)
     assert abs(float(loss) - float(metrics["loss"])) < 1e-6
+
+
+def test_gpu_analytic_flops_match_xla_count():
+    # The analytic count is matmuls only, XLA's counts every op: on the tiny model the matmuls
+    # are ~97% of XLA's FLOPs, for a forward pass and for second-order MAML's 9 k F_s + 3 F_q.
+    cfg = gpu.Config.tiny(layers=1)
+    loss_fn, params, episodes = gpu.setup(cfg)
+    query = jax.tree.map(lambda x: x[0], episodes.query)
+    fwd = jax.jit(lambda p: loss_fn(p, query, None)[0]).lower(params).cost_analysis()
+    assert 0.9 < gpu.forward_flops(cfg, cfg.ways * cfg.queries) / gpu._flops(fwd) <= 1.0
+    for k in (1, 2):
+        alg = gpu.make_maml(cfg, loss_fn, k, remat=False)
+        cost = jax.jit(alg.step).lower(alg.init(params), episodes, jax.random.key(0))
+        assert 0.9 < gpu.model_flops(cfg, k) / gpu._flops(cost.cost_analysis()) <= 1.0
+
+
+def test_gpu_script_runs_tiny(tmp_path):
+    cfg = gpu.Config.tiny(layers=1, meta_batch=1, seconds=0.0)
+    result = gpu.run(cfg, str(tmp_path), tag="-tiny")
+    (row,) = result["rows"]
+    assert row["tasks_per_s"] > 0 and row["loss"] > 0 and 0.9 < row["model_over_xla_flops"] <= 1
+    assert row["model_flops"] == gpu.model_flops(cfg, 1)
+    saved = json.loads(
+        (tmp_path / f"gpu-{gpu.device_slug(jax.devices()[0])}-tiny.json").read_text()
+    )
+    assert saved["rows"][0]["steps_timed"] == row["steps_timed"] >= 3
+    assert result["peak_known"] == (row["mfu"] is not None)
+
+
+def test_gpu_halves_the_meta_batch_until_the_step_fits(monkeypatch):
+    tried = []
+
+    def measure(cfg, k, compile_only):
+        tried.append(cfg.meta_batch)
+        if cfg.meta_batch > 2:
+            raise gpu._DoesNotFit("too big")
+        return {"meta_batch": cfg.meta_batch}
+
+    monkeypatch.setattr(gpu, "measure", measure)
+    assert gpu._fitting(gpu.Config(meta_batch=8), 1, compile_only=True) == {"meta_batch": 2}
+    assert tried == [8, 4, 2]
+
+
+# The PyTorch peers of benchmarks/peers.py compute metaflax's numbers: same params, same episodes,
+# same losses, so their first meta-step equals metaflax's. float64 makes the comparison exact
+# (~1e-15); in float32, conv4's ReLU/max-pool kinks amplify rounding (~1e-2 was seen).
+PEERS = ("torch.func loop", "torch.func vmap", "higher")
+
+
+def _peers(peer="torch.func loop"):
+    pytest.importorskip("torch")
+    if peer == "higher":
+        pytest.importorskip("higher")
+    from benchmarks import peers
+
+    assert peers.PEERS == PEERS
+    return peers
+
+
+def _small_conv4():
+    """Conv4 at 8 channels, 2 tasks: the XLA compile of the meta-step dominates the test's time."""
+    w = workloads.conv4(functools.partial(Conv4, channels=8))
+    return w._replace(episodes=jax.tree.map(lambda x: x[:2], w.episodes))
+
+
+def _small_encoder():
+    """A 1-layer TextClassifier (vocab 100, d=16, 4 heads, seq 8) on 2 padded 5-way 5-shot tasks."""
+    tasks, ways, shots, seq, vocab = 2, 5, 5, 8, 100
+    model = TextClassifier(
+        vocab, ways, max_len=seq, dim=16, num_layers=1, mlp_dim=32, rngs=nnx.Rngs(0)
+    )
+    apply_fn, params = mf.functionalize(model)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    tokens = jax.random.randint(k1, (2, tasks, ways * shots, seq), 1, vocab)
+    lengths = jax.random.randint(k2, (2, tasks, ways * shots, 1), 2, seq + 1)
+    mask = jnp.arange(seq).reshape(1, 1, 1, seq) < lengths
+    label = jnp.tile(jnp.repeat(jnp.arange(ways), shots), (tasks, 1))
+    episodes = mf.Episode(*({"tokens": tokens[i], "mask": mask[i], "label": label} for i in (0, 1)))
+    loss_fn = workloads.classification_loss_fn(apply_fn, inputs=("tokens", "mask"))
+    return workloads.Workload("encoder", loss_fn, params, episodes, 0.01, 1e-3)
+
+
+@functools.cache
+def _metaflax_step(name, kind, num_inner_steps, dtype):
+    """metaflax's first meta-step on a small workload, shared by the peers' tests."""
+    peers = _peers()
+    make = {
+        "sinusoid": lambda: peers.first_tasks(workloads.sinusoid(), 4),
+        "conv4": _small_conv4,
+        "encoder": _small_encoder,
+    }[name]
+    with jax.enable_x64(dtype == "float64"):
+        w = peers.as_dtype(make(), dtype)
+        return w, peers.metaflax_meta_step(w, kind, num_inner_steps)
+
+
+def _assert_parity(name, peer, kind="maml", num_inner_steps=2, dtype="float64"):
+    peers = _peers(peer)
+    w, ref = _metaflax_step(name, kind, num_inner_steps, dtype)
+    with jax.enable_x64(dtype == "float64"):
+        err = peers.parity(w, peer, kind, num_inner_steps, reference=ref)
+    if dtype == "float64":
+        assert err["grads"] < 1e-12 and err["loss"] < 1e-12 and err["updates"] < 1e-6, err
+    else:  # Adam's first update is ~lr * sign(grad): not comparable in float32
+        assert err["grads"] < 1e-5 and err["loss"] < 1e-6, err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_equals_metaflax_sinusoid(peer, dtype):
+    _assert_parity("sinusoid", peer, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["fomaml", "reptile"])
+@pytest.mark.parametrize("peer", ["torch.func loop", "torch.func vmap"])
+def test_torch_func_first_order_peers_equal_metaflax(peer, kind):
+    _assert_parity("sinusoid", peer, kind)
+
+
+# encoder and conv4 with one inner step: two double metaflax's compile time (the test's cost).
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_equals_metaflax_encoder(peer):
+    # Layer norm, masked attention, tanh-GELU, mean-pooling; the vmap peer writes the norms out.
+    _assert_parity("encoder", peer, num_inner_steps=1)
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_equals_metaflax_conv4(peer):
+    # Batch-statistics norm, max-pool, torch's conv and the shift-matmul conv, conv biases whose
+    # gradient is exactly zero (a batch norm follows), the NHWC flatten before the head.
+    _assert_parity("conv4", peer, num_inner_steps=1)

@@ -101,20 +101,34 @@ def test_adapt_is_plain_sgd_by_hand():
     assert tree_allclose(adapted, p)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_remat_gives_same_meta_gradients(dtype):
+# remat=2: two segments of 2 steps; remat=3: one segment of 3 and a checkpointed tail step
+@pytest.mark.parametrize(
+    "dtype, remat",
+    [(jnp.float32, True), (jnp.float64, True), (jnp.float64, 2), (jnp.float32, 3)],
+)
+def test_remat_gives_same_meta_gradients(dtype, remat):
     with jax.enable_x64(dtype == jnp.float64):
         loss_fn, params, episodes = sinusoid_setup(dtype=dtype)
         kw = dict(
             inner_tx=optax.adam(0.01, eps_root=1e-8), outer_tx=optax.sgd(1.0), num_inner_steps=4
         )
-        grads = [
-            jax.jit(jax.grad(lambda p, a=a: a.meta_loss(p, episodes, jax.random.key(0))[0]))(params)
-            for a in (mf.maml(loss_fn, **kw), mf.maml(loss_fn, remat=True, **kw))
-        ]
+        algs = (mf.maml(loss_fn, **kw), mf.maml(loss_fn, remat=remat, **kw))
+        (_, ref), ref_grads = jax.jit(jax.value_and_grad(algs[0].meta_loss, has_aux=True))(
+            params, episodes, jax.random.key(0)
+        )
+        (_, out), out_grads = jax.jit(jax.value_and_grad(algs[1].meta_loss, has_aux=True))(
+            params, episodes, jax.random.key(0)
+        )
         # float32 recomputation reorders a few sums; in float64 they agree to 1e-6 and beyond
         tol = 1e-6 if dtype == jnp.float64 else 1e-5
-        assert tree_allclose(grads[0], grads[1], rtol=tol, atol=1e-6)
+        assert tree_allclose(ref_grads, out_grads, rtol=tol, atol=1e-6)
+        np.testing.assert_allclose(ref["inner_losses"], out["inner_losses"], rtol=tol)
+
+
+def test_remat_must_be_bool_or_segment_length():
+    loss_fn, _, _ = sinusoid_setup()
+    with pytest.raises(ValueError, match="int c >= 2"):
+        mf.make_adapt_fn(loss_fn, optax.sgd(0.1), num_steps=4, remat=-1)
 
 
 @pytest.mark.parametrize("task_map", ["scan", 2])
@@ -149,3 +163,38 @@ def test_step_is_deterministic_and_traces_once():
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert int(a[0].step) == 3
+
+
+def test_mixed_precision_keeps_float32_state_and_meta_gradient_close():
+    loss_fn, params, episodes = sinusoid_setup(hidden=(32, 32), tasks=4, shots=10)
+    seen = []
+
+    def spy(p, batch, key):  # records the dtypes the model computes in
+        seen.append((p["layers"][0]["kernel"].dtype, batch["x"].dtype))
+        return loss_fn(p, batch, key)
+
+    kw = dict(inner_tx=optax.sgd(0.05), outer_tx=optax.adam(1e-3), num_inner_steps=2)
+    ref, bf16 = mf.maml(loss_fn, **kw), mf.maml(mf.mixed_precision(spy), **kw)
+    key = jax.random.key(0)
+    g32, _ = jax.jit(ref.meta_grad)(params, episodes, key)
+    g16, metrics = jax.jit(bf16.meta_grad)(params, episodes, key)
+    assert set(seen) == {(jnp.dtype(jnp.bfloat16),) * 2}
+    assert {x.dtype for x in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
+    assert metrics["loss"].dtype == jnp.float32
+    state, _ = jax.jit(bf16.step)(bf16.init(params), episodes, key)
+    assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    # bf16 keeps 8 mantissa bits (relative rounding 2**-9): the meta-gradient is close to
+    # float32's, but not equal to it (the arithmetic really ran in bf16)
+    diff = optax.tree.norm(jax.tree.map(jnp.subtract, g16, g32)) / optax.tree.norm(g32)
+    cos = optax.tree.vdot(g16, g32) / (optax.tree.norm(g16) * optax.tree.norm(g32))
+    assert 1e-4 < diff < 0.05 and cos > 0.999
+
+
+def test_mixed_precision_passes_integer_leaves_and_rejects_int_dtype():
+    loss_fn = mf.mixed_precision(
+        lambda p, b, k: (jnp.sum(p * b["x"][b["i"], 0]), {"n": jnp.sum(b["i"])})
+    )
+    loss, metrics = loss_fn(jnp.ones(2), {"x": jnp.ones((3, 2)), "i": jnp.array([0, 2])}, None)
+    assert loss.dtype == jnp.float32 and metrics["n"].dtype == jnp.int32
+    with pytest.raises(ValueError, match="floating dtype"):
+        mf.mixed_precision(loss_fn, jnp.int8)
