@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -241,11 +240,11 @@ def main():
                 f"compile {r['compile_s']:5.1f} s",
                 flush=True,
             )
-    device = jax.devices()[0]
+    from benchmarks.workloads import machine
+
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{device.platform} ({device.device_kind})",
+        "machine": machine(),
         "jax": jax.__version__,
         "workload": args.workload,
         **params_carry_bytes(args.workload),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import metaflax as mf
-from benchmarks.workloads import WORKLOADS, Workload, make_algorithm
+from benchmarks.workloads import WORKLOADS, Workload, machine, make_algorithm
 from metaflax.core import check_episodes
 
 PRECISIONS = ("fp32", "bf16")
@@ -154,11 +153,9 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    device = jax.devices()[0]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{device.platform} ({device.device_kind})",
+        "machine": machine(),
         "jax": jax.__version__,
         "rows": [],
     }

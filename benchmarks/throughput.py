@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.workloads import WORKLOADS, make_algorithm
+from benchmarks.workloads import WORKLOADS, machine, make_algorithm
 from metaflax.core import check_episodes
 from metaflax.models import Conv4, max_pool_2x2
 
@@ -194,8 +193,7 @@ def main():
                 )
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.devices()[0].platform}",
+        "machine": machine(),
         "jax": jax.__version__,
         "throughput": rows,
     }

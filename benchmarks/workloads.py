@@ -5,6 +5,8 @@ Shared by ``benchmarks.throughput`` and later benchmarks so every comparison run
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +17,15 @@ from flax import nnx
 import metaflax as mf
 from metaflax.models import MLP, Conv4, TextClassifier
 from metaflax.tasks import mse_loss_fn, sample_sinusoid
+
+
+def machine() -> str:
+    """Where a benchmark ran: ``"<cpu>, <n> cores, <platform> (<device kind>)"``."""
+    device = jax.devices()[0]
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{device.platform} ({device.device_kind})"
+    )
 
 
 class Workload(NamedTuple):
