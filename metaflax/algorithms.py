@@ -196,22 +196,33 @@ def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> N
     map_tasks(lambda x: x, task_map)  # validates task_map
 
 
-def _query_loss_after(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
-    """``meta_loss``: the mean over tasks of the query loss after ``adapt`` on the support set."""
+def _adapt_tasks(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
+    """``adapt_tasks(meta_params, episodes, key) -> (adapted, metrics)``: every task adapted on
+    its support set (``adapted`` has a leading ``[tasks]`` axis) and scored on its query set."""
 
-    def meta_loss(meta_params, episodes, key):
+    def adapt_tasks(meta_params, episodes, key):
         num_tasks = check_episodes(episodes)
 
         def one_task(episode, task_key):
             inner_key, query_key = jax.random.split(task_key)
             adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
             loss, metrics = loss_fn(adapted, episode.query, query_key)
-            return loss, metrics, inner_losses
+            return adapted, loss, metrics, inner_losses
 
-        losses, metrics, inner_losses = map_tasks(one_task, task_map)(
+        adapted, losses, metrics, inner_losses = map_tasks(one_task, task_map)(
             episodes, task_keys(key, num_tasks)
         )
-        metrics = _task_metrics(losses, metrics, inner_losses)
+        return adapted, _task_metrics(losses, metrics, inner_losses)
+
+    return adapt_tasks
+
+
+def _query_loss_after(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
+    """``meta_loss``: the mean over tasks of the query loss after ``adapt`` on the support set."""
+    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map)
+
+    def meta_loss(meta_params, episodes, key):
+        _, metrics = adapt_tasks(meta_params, episodes, key)
         return metrics["loss"], metrics
 
     return meta_loss
@@ -482,23 +493,8 @@ def reptile(
         )
         return fn(meta_params, support, key)
 
-    def adapt_tasks(meta_params, episodes, key):
-        num_tasks = check_episodes(episodes)
-
-        def one_task(episode, task_key):
-            inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
-            loss, metrics = loss_fn(adapted, episode.query, query_key)
-            return adapted, loss, metrics, inner_losses
-
-        adapted, losses, metrics, inner_losses = map_tasks(one_task, task_map)(
-            episodes, task_keys(key, num_tasks)
-        )
-        return adapted, _task_metrics(losses, metrics, inner_losses)
-
-    def meta_loss(meta_params, episodes, key):
-        _, metrics = adapt_tasks(meta_params, episodes, key)
-        return metrics["loss"], metrics
+    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map)
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
 
     def meta_grad(meta_params, episodes, key):
         adapted, metrics = adapt_tasks(meta_params, episodes, key)  # adapted: [tasks, ...]
