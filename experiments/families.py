@@ -384,20 +384,25 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
 
 
 def ngram_centroid_accuracy(episode, n: int, vocab_size: int) -> float:
-    """The no-learning floor: cosine nearest centroid of bag-of-n-gram (token id) counts.
+    """The no-learning floor: cosine nearest centroid of bag-of-n-gram (token id) counts, all
+    orders 1..``n`` together.
 
-    With a character vocabulary and ``n=3`` this is a character-trigram classifier; with a
-    word-piece vocabulary and ``n=1``, bag of words. Returns the query accuracy.
+    With a character vocabulary and ``n=3`` this is a character 1-3-gram classifier (BOS / EOS
+    mark word boundaries); with a word-piece vocabulary and ``n=1``, bag of words. Returns the
+    query accuracy.
     """
     tokens = np.concatenate([episode.support["tokens"], episode.query["tokens"]]).astype(np.int64)
     mask = np.concatenate([episode.support["mask"], episode.query["mask"]]).astype(bool)
-    length = tokens.shape[1] - n + 1
-    codes = sum(tokens[:, i : i + length] * vocab_size ** (n - 1 - i) for i in range(n))
-    valid = np.all([mask[:, i : i + length] for i in range(n)], axis=0)
-    rows = np.broadcast_to(np.arange(len(tokens))[:, None], codes.shape)[valid]
-    uniq, col = np.unique(codes[valid], return_inverse=True)
+    all_codes, all_rows = [], []
+    for order in range(1, n + 1):  # an order-m code is unique across orders: code * n + m - 1
+        length = tokens.shape[1] - order + 1
+        codes = sum(tokens[:, i : i + length] * vocab_size ** (order - 1 - i) for i in range(order))
+        valid = np.all([mask[:, i : i + length] for i in range(order)], axis=0)
+        all_codes.append(codes[valid] * n + order - 1)
+        all_rows.append(np.broadcast_to(np.arange(len(tokens))[:, None], codes.shape)[valid])
+    uniq, col = np.unique(np.concatenate(all_codes), return_inverse=True)
     feats = np.zeros((len(tokens), len(uniq)))
-    np.add.at(feats, (rows, col), 1.0)
+    np.add.at(feats, (np.concatenate(all_rows), col), 1.0)
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-9)
     num_support, labels = len(episode.support["tokens"]), episode.support["label"]
     ways = int(labels.max()) + 1

@@ -234,7 +234,7 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
 
 
 def test_ngram_centroid_matches_a_direct_implementation():
-    """The floor on token ids equals character-trigram cosine nearest centroid on the strings."""
+    """The floor on token ids equals character 1-3-gram cosine nearest centroid on the strings."""
     import collections
 
     from experiments import families
@@ -249,7 +249,9 @@ def test_ngram_centroid_matches_a_direct_implementation():
 
     def grams(ids):
         s = [int(t) for t in ids if t != 0]
-        return collections.Counter(tuple(s[i : i + 3]) for i in range(len(s) - 2))
+        return collections.Counter(
+            tuple(s[i : i + m]) for m in (1, 2, 3) for i in range(len(s) - m + 1)
+        )
 
     def unit(c):
         n = np.sqrt(sum(v * v for v in c.values()))

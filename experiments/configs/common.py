@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.meta_train_on = "classes"  # "classes" (labeled) | "smlmt" (unlabeled text)
     config.tokenizer = "char"  # "char" | "wordpiece" | "hf" (model.hf_path's tokenizer)
     config.wordpiece_vocab = 8000
-    config.ngram = 3  # the ngram_centroid floor: 3 = character trigrams; 1 = bag of word pieces
+    config.ngram = 3  # the ngram_centroid floor: 3 = character 1-3-grams; 1 = bag of word pieces
     config.max_len = 24
 
     config.model = ml_collections.ConfigDict()
