@@ -259,14 +259,17 @@ def map_tasks(fn: Callable, task_map: str | int) -> Callable:
     """Maps ``fn`` over the leading task axis of its arguments.
 
     ``"vmap"`` runs all tasks in parallel, ``"scan"`` one after another (least memory), and an
-    int ``c`` runs chunks of ``c`` tasks in parallel, one chunk after another.
+    int ``c`` runs chunks of ``c`` tasks in parallel, one chunk after another. The sequential
+    forms checkpoint ``fn``: differentiated, they keep one task's (one chunk's) intermediates at
+    a time and recompute them in the backward pass, instead of storing every task's.
     """
     if task_map == "vmap":
         return jax.vmap(fn)
+    one = jax.checkpoint(lambda x: fn(*x))
     if task_map == "scan":
-        return lambda *xs: jax.lax.map(lambda x: fn(*x), xs)
+        return lambda *xs: jax.lax.map(one, xs)
     if isinstance(task_map, int) and not isinstance(task_map, bool) and task_map >= 1:
-        return lambda *xs: jax.lax.map(lambda x: fn(*x), xs, batch_size=task_map)
+        return lambda *xs: jax.lax.map(one, xs, batch_size=task_map)
     raise ValueError(
         f"task_map={task_map!r} is not valid: use 'vmap', 'scan' or a positive int chunk size."
     )
