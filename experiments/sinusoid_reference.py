@@ -53,9 +53,7 @@ def reference_algorithm(maml: mf.MetaAlgorithm, loss_fn, config) -> mf.MetaAlgor
 
 
 def run(seeds, steps: int) -> list[dict]:
-    config = with_fields(
-        get_config(), num_steps=steps, outer_lr_decay=False, inner_clip=0.0, algorithms=("maml",)
-    )
+    config = with_fields(get_config(), num_steps=steps, outer_lr_decay=False, inner_clip=0.0)
     rows = []
     for seed in seeds:
         apply_fn, params = mf.functionalize(MLP([1, *config.hidden, 1], rngs=nnx.Rngs(seed)))
