@@ -4,7 +4,7 @@
     python -m benchmarks.xla_cpu --workload encoder --no-sweep # profile only
 
 Profile: the jitted second-order MAML step (1 inner step), traced with ``jax.profiler`` and
-XLA's per-thunk trace events; op time per category (YNNPACK dots, transposing / layout
+XLA's per-thunk trace events; op time per category (dots, transposing / layout
 copies, other fusions) and the largest ops. Sweep: the same step's tasks/s in a fresh process
 per ``XLA_FLAGS`` value (flags are read once, at backend start). Writes ``xla_cpu.json``.
 """
@@ -17,6 +17,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,8 +61,8 @@ def rate(workload: str, task_map: str, seconds: float) -> float:
 
 
 def _category(name: str) -> str:
-    if name.startswith("ynn"):
-        return "dots (YNNPACK)"
+    if name.startswith(("ynn", "dot")):
+        return "dots"
     if "transpose" in name or "copy" in name:
         return "transposes / copies"
     return "other fusions"
@@ -83,18 +84,19 @@ def profile(workload: str, task_map: str, steps: int = 3) -> dict:
         jax.profiler.stop_trace()
         (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
         events = json.load(gzip.open(path))["traceEvents"]
+    hlo = step.lower(state, episodes, key).compile().as_text()
+    instructions = set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", hlo, re.MULTILINE))
     ops = collections.Counter()
-    for e in events:  # XLA ops only: thunk-executor and Python events are left out
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not any(s in name for s in ("Thunk", "$", "Slinky")):
-            ops[name] += e["dur"] / 1e3 / steps
+    for e in events:  # the compiled program's instructions only, not runtime or Python events
+        if e.get("ph") == "X" and e.get("name") in instructions:
+            ops[e["name"]] += e["dur"] / 1e3 / steps
     by = collections.Counter()
     for name, ms in ops.items():
         by[_category(name)] += ms
     return {
         "wall_ms_per_step": 1e3 * wall,
-        "op_ms_per_step": {k: round(v, 1) for k, v in by.most_common()},
-        "largest_ops_ms": {k: round(v, 1) for k, v in ops.most_common(10)},
+        "op_ms_per_step": {k: round(v, 3) for k, v in by.most_common()},
+        "largest_ops_ms": {k: round(v, 3) for k, v in ops.most_common(10)},
     }
 
 

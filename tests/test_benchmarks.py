@@ -157,9 +157,9 @@ def test_peer_equals_metaflax_conv4(peer):
 
 
 def test_xla_cpu_profile_accounts_for_the_step(tmp_path):
-    """The profile sees XLA's ops: on sinusoid their summed time is a real share of the step's
-    wall time (not zero: the per-thunk trace flag reached the backend), and no more than two
-    threads' worth of it."""
+    """The profile sees the compiled program's ops: on sinusoid their summed time is a real share
+    of the step's wall time (not zero: the per-thunk trace flag reached the backend), and no
+    more than two threads' worth of it."""
     import subprocess
     import sys
 
@@ -167,5 +167,5 @@ def test_xla_cpu_profile_accounts_for_the_step(tmp_path):
     subprocess.run([*cmd, "--out", str(tmp_path)], check=True, capture_output=True)
     profile = json.loads((tmp_path / "xla_cpu.json").read_text())["profile"]
     op_ms = sum(profile["op_ms_per_step"].values())
-    assert 0.2 * profile["wall_ms_per_step"] < op_ms < 2.0 * profile["wall_ms_per_step"]
+    assert 0.1 * profile["wall_ms_per_step"] < op_ms < 2.0 * profile["wall_ms_per_step"]
     assert len(profile["largest_ops_ms"]) == 10
