@@ -9,10 +9,10 @@ before timing; sampling is numpy indexing as a pure function of (seed, index).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
+from benchmarks import report
 from metaflax.data import builders, episode_sampler, families, text_sources
 
 
@@ -46,9 +46,7 @@ def main():
     }
     for name, r in rows.items():
         print(f"{name:48s} {r:10.0f} episodes/s")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "episodes.json"), "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "episodes_per_s": rows}, f, indent=1)
+    report.write(args.out, "episodes", {"date": time.strftime("%Y-%m-%d"), "episodes_per_s": rows})
 
 
 if __name__ == "__main__":

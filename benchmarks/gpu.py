@@ -76,23 +76,26 @@ PEAK_TFLOPS = (
 )
 
 
+_BERT_BASE = bert.BertConfig()  # the model defaults below
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One benchmark run; the defaults are BERT-base on one H200."""
 
-    vocab_size: int = 30522
-    hidden: int = 768
-    layers: int = 12
-    num_heads: int = 12
-    mlp: int = 3072
+    vocab_size: int = _BERT_BASE.vocab_size
+    hidden: int = _BERT_BASE.hidden_size
+    layers: int = _BERT_BASE.num_hidden_layers
+    num_heads: int = _BERT_BASE.num_attention_heads
+    mlp: int = _BERT_BASE.intermediate_size
     seq_len: int = 128
     ways: int = 5
     shots: int = 5
     queries: int = 5
     # XLA:CPU's memory analysis puts a task at ~1.1 GB per layer at this size (second order
     # keeps the inner forward and backward passes; CPU computes bf16 in f32, so that is an
-    # upper bound): 8 tasks x 12 layers fit an H200's 141 GB. A chunked task_map does not
-    # lower this (the backward pass keeps every chunk's residuals).
+    # upper bound): 8 tasks x 12 layers fit an H200's 141 GB. A chunked task_map
+    # (--task-chunk) keeps one chunk's intermediates at a time instead.
     meta_batch: int = 8
     task_map: str | int = "vmap"
     inner_steps: tuple[int, ...] = (1,)

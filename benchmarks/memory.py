@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from benchmarks import report
+
 MODES = ("none", "per-step", "two-level")
 
 
@@ -224,7 +226,6 @@ def main():
         return
     import jax
 
-    os.makedirs(args.out, exist_ok=True)
     rows = []
     for mode in args.modes.split(","):
         if mode not in MODES:
@@ -253,10 +254,7 @@ def main():
         ),
         "rows": rows,
     }
-    with open(os.path.join(args.out, "memory.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "memory.md"), "w") as f:
-        f.write(markdown(result) + "\n")
+    report.write(args.out, "memory", result, markdown)
     plot(result, os.path.join(args.out, "memory.png"))
     print(f"wrote {args.out}/memory.json, memory.md and memory.png")
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import math
 import os
 import platform
@@ -50,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import metaflax as mf
+from benchmarks import report
 from benchmarks.reference import _rate
 from benchmarks.workloads import WORKLOADS, Workload, make_algorithm
 from metaflax.core import check_episodes
@@ -626,11 +626,7 @@ def main():
         "rounds": args.rounds,
     }
     result = {"meta": meta, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "peers.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "peers.md"), "w") as f:
-        f.write(markdown(result) + "\n")
+    report.write(args.out, "peers", result, markdown)
     print(f"wrote {args.out}/peers.json and peers.md")
 
 

@@ -18,7 +18,6 @@ float32, the model computes in bfloat16. For each workload it reports
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import metaflax as mf
+from benchmarks import report
 from benchmarks.workloads import WORKLOADS, Workload, machine, make_algorithm
 from metaflax.core import check_episodes
 
@@ -152,7 +152,6 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
@@ -182,10 +181,7 @@ def main():
                 f"{accuracy['fp32 vs fp64']['all']['rel_l2']:.2e}",
                 flush=True,
             )
-            with open(os.path.join(args.out, "precision.json"), "w") as f:  # after every row
-                json.dump(result, f, indent=1)
-            with open(os.path.join(args.out, "precision.md"), "w") as f:
-                f.write(markdown(result) + "\n")
+            report.write(args.out, "precision", result, markdown)  # after every row
     print(f"wrote {args.out}/precision.json and precision.md")
 
 

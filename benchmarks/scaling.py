@@ -10,11 +10,12 @@ only prove the code path (more devices cannot be faster there); on GPUs/TPUs the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import jax
+
+from benchmarks import report
 
 if not os.environ.get("JAX_PLATFORMS") or "cpu" in os.environ["JAX_PLATFORMS"]:
     jax.config.update("jax_num_cpu_devices", 8)  # only affects the CPU backend
@@ -97,7 +98,6 @@ def main():
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     counts = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d <= jax.device_count()]
     if jax.process_count() > 1:  # sub-meshes would leave hosts out: use every device
         counts = [jax.device_count()]
@@ -124,8 +124,7 @@ def main():
     }
     if not sharding.is_main_process():
         return
-    with open(os.path.join(args.out, "scaling.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    report.write(args.out, "scaling", result)
     plot(rows, os.path.join(args.out, "scaling.png"))
     print(f"wrote {args.out}/scaling.json and scaling.png")
 

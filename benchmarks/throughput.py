@@ -11,7 +11,6 @@ The conv4 section also compares formulations (pooling, task_map) of second-order
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import report
 from benchmarks.workloads import WORKLOADS, machine, make_algorithm
 from metaflax.core import check_episodes
 from metaflax.models import Conv4, max_pool_2x2
@@ -176,7 +176,6 @@ def main():
     p.add_argument("--no-formulations", action="store_true", help="skip the conv4 comparison")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     rows = []
     for wl in args.workloads.split(","):
         if wl not in WORKLOADS:
@@ -199,11 +198,8 @@ def main():
     }
     if "conv4" in args.workloads and not args.no_formulations:
         result["conv4_formulations"] = conv4_formulations(args.min_seconds, num_tasks=4)
-    with open(os.path.join(args.out, "throughput.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    report.write(args.out, "throughput", result, markdown)
     plot(rows, os.path.join(args.out, "throughput.png"))
-    with open(os.path.join(args.out, "throughput.md"), "w") as f:
-        f.write(markdown(result) + "\n")
     print(f"wrote {args.out}/throughput.json, throughput.md and throughput.png")
 
 

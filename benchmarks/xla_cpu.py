@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import report
+
 FLAGS = (
     "",
     "--xla_cpu_use_onednn=true",
@@ -129,9 +131,7 @@ def main():
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out["sweep_tasks_per_s"][flags or "(defaults)"] = round(float(result.stdout), 2)
             print(f"{flags or '(defaults)'}: {float(result.stdout):.2f} tasks/s", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "xla_cpu.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    report.write(args.out, "xla_cpu", out)
 
 
 if __name__ == "__main__":
