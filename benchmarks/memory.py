@@ -224,7 +224,6 @@ def main():
         workload, k, mode = args.worker
         print(json.dumps(measure(workload, int(k), mode, args.rss_max_gib)))
         return
-    import jax
 
     rows = []
     for mode in args.modes.split(","):
@@ -241,12 +240,10 @@ def main():
                 f"compile {r['compile_s']:5.1f} s",
                 flush=True,
             )
-    from benchmarks.workloads import machine
+    from benchmarks.workloads import run_info
 
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
-        "jax": jax.__version__,
+        **run_info(),
         "workload": args.workload,
         **params_carry_bytes(args.workload),
         "measured_what": next(

@@ -27,7 +27,7 @@ import numpy as np
 
 import metaflax as mf
 from benchmarks import report
-from benchmarks.workloads import WORKLOADS, Workload, machine, make_algorithm
+from benchmarks.workloads import WORKLOADS, Workload, make_algorithm, run_info
 from metaflax.core import check_episodes
 
 PRECISIONS = ("fp32", "bf16")
@@ -153,9 +153,7 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
-        "jax": jax.__version__,
+        **run_info(),
         "rows": [],
     }
     rows = result["rows"]

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import report
-from benchmarks.workloads import WORKLOADS, machine, make_algorithm
+from benchmarks.workloads import WORKLOADS, make_algorithm, run_info
 from metaflax.core import check_episodes
 from metaflax.models import Conv4, max_pool_2x2
 
@@ -191,9 +191,7 @@ def main():
                     flush=True,
                 )
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
-        "jax": jax.__version__,
+        **run_info(),
         "throughput": rows,
     }
     if "conv4" in args.workloads and not args.no_formulations:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +27,11 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{device.platform} ({device.device_kind})"
     )
+
+
+def run_info() -> dict:
+    """``{"date", "machine", "jax"}``: the head of a benchmark's JSON result."""
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jax": jax.__version__}
 
 
 class Workload(NamedTuple):
