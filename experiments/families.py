@@ -467,6 +467,8 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             rngs=nnx.Rngs(config.seed),
         )
         apply_fn, params = mf.functionalize(model)
+        start_fn, _ = mf.functionalize(model, "start_decoding")
+        step_fn, _ = mf.functionalize(model, "decode_step")
     else:
         tok = shared.tokenizer
         vocab_size, bos, eos = len(tok), tok.cls_token_id, tok.sep_token_id
@@ -487,23 +489,31 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             return _encode(xs, tgt_len)
 
         encode_fn, encoder_params, hidden = shared.encoder
-        decoder_apply, decoder_params = mf.functionalize(
-            seq2seq.Decoder(
-                vocab_size,
-                memory_dim=hidden,
-                max_len=tgt_len,
-                dim=config.model.hidden,
-                num_layers=config.model.layers,
-                num_heads=config.model.heads,
-                mlp_dim=config.model.mlp,
-                rngs=nnx.Rngs(config.seed + 1),
-            )
+        decoder = seq2seq.Decoder(
+            vocab_size,
+            memory_dim=hidden,
+            max_len=tgt_len,
+            dim=config.model.hidden,
+            num_layers=config.model.layers,
+            num_heads=config.model.heads,
+            mlp_dim=config.model.mlp,
+            rngs=nnx.Rngs(config.seed + 1),
         )
+        decoder_apply, decoder_params = mf.functionalize(decoder)
+        decoder_start, _ = mf.functionalize(decoder, "start_decoding")
+        step_decoder, _ = mf.functionalize(decoder, "decode_step")
         params = {"encoder": encoder_params, "decoder": decoder_params}
 
         def apply_fn(p, src, src_mask, tgt_in, tgt_mask):
             memory, _ = encode_fn(p["encoder"], src, src_mask)
             return decoder_apply(p["decoder"], memory, src_mask, tgt_in, tgt_mask)
+
+        def start_fn(p, src, src_mask, max_len):
+            memory, _ = encode_fn(p["encoder"], src, src_mask)
+            return decoder_start(p["decoder"], memory, src_mask, max_len)
+
+        def step_fn(p, state, token, i):
+            return step_decoder(p["decoder"], state, token, i)
 
     sampler = families.translation_sampler(
         train_pairs, enc_src, enc_tgt, shots=config.shots, queries=config.queries
@@ -533,7 +543,8 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             return jnp.stack(
                 [
                     seq2seq.greedy_decode(
-                        apply_fn,
+                        start_fn,
+                        step_fn,
                         adapt(params, episode.support, k, n),
                         q["src"],
                         q["src_mask"],

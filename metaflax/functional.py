@@ -8,13 +8,14 @@ from typing import Any
 from flax import nnx
 
 
-def functionalize(module: nnx.Module) -> tuple[Callable[..., Any], dict]:
+def functionalize(module: nnx.Module, method: str = "__call__") -> tuple[Callable[..., Any], dict]:
     """Splits an nnx module once into ``apply_fn(params, *args, **kwargs)`` and its params.
 
     ``params`` is a plain nested dict of arrays (the module's ``nnx.Param`` leaves), so it
     works with optax, orbax and every jax transform; non-parameter state (e.g. RNG counters)
     is frozen into ``apply_fn``. This is the only place metaflax touches flax.nnx: the rest of
-    the library sees pytrees.
+    the library sees pytrees. ``method`` names another method to call with the same params,
+    e.g. a decoder's ``decode_step``.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -24,9 +25,11 @@ def functionalize(module: nnx.Module) -> tuple[Callable[..., Any], dict]:
     """
     if not isinstance(module, nnx.Module):
         raise TypeError(f"functionalize expects a flax.nnx.Module, got {type(module).__name__}.")
+    if not callable(getattr(module, method, None)):
+        raise AttributeError(f"{type(module).__name__} has no method {method!r}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def apply_fn(params: dict, *args, **kwargs):
-        return nnx.merge(graphdef, nnx.State(params), rest)(*args, **kwargs)
+        return getattr(nnx.merge(graphdef, nnx.State(params), rest), method)(*args, **kwargs)
 
     return apply_fn, nnx.to_pure_dict(params)

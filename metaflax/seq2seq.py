@@ -8,6 +8,7 @@ reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +23,20 @@ class _Attention(nnx.Module):
         self.key_value = nnx.Linear(dim, 2 * dim, rngs=rngs)
         self.out = nnx.Linear(dim, dim, rngs=rngs)
 
-    def __call__(self, x, memory, mask):  # x: [b, q, d]; memory: [b, k, d]; mask: [b, q, k]
+    def key_values(self, memory):  # memory: [b, k, d] -> keys, values: [b, k, heads, d / heads]
+        b, k, _ = memory.shape
+        return jnp.split(self.key_value(memory).reshape(b, k, 2 * self.heads, -1), 2, 2)
+
+    def attend(self, x, k, v, mask):  # x: [b, q, d]; k, v: [b, k, heads, dh]; mask: [b, q, k]
         b, q, d = x.shape
         qh = self.query(x).reshape(b, q, self.heads, -1)
-        k, v = jnp.split(
-            self.key_value(memory).reshape(b, memory.shape[1], 2 * self.heads, -1), 2, 2
-        )
         scores = jnp.einsum("bqhd,bkhd->bhqk", qh, k) / np.sqrt(qh.shape[-1]).astype(x.dtype)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
         return self.out(ctx.reshape(b, q, d))
+
+    def __call__(self, x, memory, mask):  # x: [b, q, d]; memory: [b, k, d]; mask: [b, q, k]
+        return self.attend(x, *self.key_values(memory), mask)
 
 
 class _Block(nnx.Module):
@@ -52,6 +57,47 @@ class _Block(nnx.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), memory, cross_mask)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x))))
+
+    def step(self, x, cache, i, cross_cache):
+        """One decoding position ``x: [b, 1, d]`` at index ``i``: writes its keys and values
+        into ``cache`` (``[b, max_len, heads, dh]`` each) and attends to positions ``<= i``."""
+        h = self.norm1(x)
+        k, v = self.attn.key_values(h)
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, i, 1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, i, 1)
+        seen = jnp.broadcast_to(jnp.arange(k.shape[1]) <= i, (x.shape[0], 1, k.shape[1]))
+        x = x + self.attn.attend(h, k, v, seen)
+        ck, cv, cross_mask = cross_cache
+        x = x + self.cross.attend(self.norm_cross(x), ck, cv, cross_mask)
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x)))), (k, v)
+
+
+class DecodeState(NamedTuple):
+    """Incremental decoding: per decoder block the self-attention keys and values written so far
+    (``[b, max_len, heads, dh]``) and the cross-attention keys, values and mask of the source."""
+
+    cache: list
+    cross: list
+
+
+def _start(blocks, memory, memory_mask, max_len: int) -> DecodeState:
+    b = memory.shape[0]
+    cross_mask = memory_mask[:, None, :]
+    cross, cache = [], []
+    for block in blocks:
+        k, v = block.cross.key_values(memory)
+        cross.append((k, v, cross_mask))
+        cache.append((jnp.zeros((b, max_len, *k.shape[2:]), k.dtype),) * 2)
+    return DecodeState(cache, cross)
+
+
+def _step(blocks, norm, embed, pos, state: DecodeState, token, i):
+    y = (jnp.take(embed, token, axis=0) + jax.lax.dynamic_index_in_dim(pos, i, 0))[:, None]
+    cache = []
+    for block, c, cross in zip(blocks, state.cache, state.cross, strict=True):
+        y, c = block.step(y, c, i, cross)
+        cache.append(c)
+    return (norm(y) @ embed.T)[:, 0], DecodeState(cache, state.cross)
 
 
 class Seq2Seq(nnx.Module):
@@ -91,13 +137,24 @@ class Seq2Seq(nnx.Module):
     def _embed(self, tokens):
         return jnp.take(self.embed[...], tokens, axis=0) + self.pos[None, : tokens.shape[1]]
 
+    def encode(self, src, src_mask):  # src, src_mask: [b, s] -> memory [b, s, dim]
+        x = self._embed(src)
+        for block in self.encoder:
+            x = block(x, src_mask[:, None, :] & src_mask[:, :, None])
+        return self.enc_norm(x)
+
+    def start_decoding(self, src, src_mask, max_len: int) -> DecodeState:
+        """Encodes the source once for :func:`greedy_decode`."""
+        return _start(self.decoder, self.encode(src, src_mask), src_mask, max_len)
+
+    def decode_step(self, state: DecodeState, token, i):
+        """Logits ``[b, vocab]`` for position ``i + 1`` given ``token: [b]`` at position ``i``."""
+        return _step(self.decoder, self.dec_norm, self.embed[...], self.pos[...], state, token, i)
+
     def __call__(self, src, src_mask, tgt_in, tgt_mask):
         # src, src_mask: [b, s]; tgt_in, tgt_mask: [b, t] -> logits [b, t, vocab]
         pad = src_mask[:, None, :]
-        x = self._embed(src)
-        for block in self.encoder:
-            x = block(x, pad & src_mask[:, :, None])
-        memory = self.enc_norm(x)
+        memory = self.encode(src, src_mask)
         t = tgt_in.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))[None] & tgt_mask[:, None, :]
         y = self._embed(tgt_in)
@@ -140,6 +197,14 @@ class Decoder(nnx.Module):
         )
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
 
+    def start_decoding(self, memory, memory_mask, max_len: int) -> DecodeState:
+        """Projects the encoder output once for :func:`greedy_decode`."""
+        return _start(self.blocks, self.bridge(memory), memory_mask, max_len)
+
+    def decode_step(self, state: DecodeState, token, i):
+        """Logits ``[b, vocab]`` for position ``i + 1`` given ``token: [b]`` at position ``i``."""
+        return _step(self.blocks, self.norm, self.embed[...], self.pos[...], state, token, i)
+
     def __call__(self, memory, memory_mask, tgt_in, tgt_mask):
         # memory: [b, s, memory_dim], memory_mask: [b, s]; tgt_in, tgt_mask: [b, t]
         b, t = tgt_in.shape
@@ -170,19 +235,26 @@ def seq2seq_loss_fn(apply_fn: Callable) -> Callable:
     return loss_fn
 
 
-def greedy_decode(apply_fn, params, src, src_mask, *, bos_id: int, eos_id: int, max_len: int):
-    """Greedy decoding: ``[b, max_len]`` token ids starting with BOS; after EOS, EOS repeats."""
+def greedy_decode(
+    start_fn, step_fn, params, src, src_mask, *, bos_id: int, eos_id: int, max_len: int
+):
+    """Greedy decoding with cached keys and values: ``[b, max_len]`` token ids starting with BOS;
+    after EOS, EOS repeats. ``start_fn(params, src, src_mask, max_len) -> state`` and
+    ``step_fn(params, state, token, i) -> (logits, state)`` are a model's ``start_decoding``
+    and ``decode_step`` (``mf.functionalize(model, method=...)``): the source is encoded once
+    and each position costs one token's pass, not a pass over the whole prefix."""
     b = src.shape[0]
     tokens = jnp.full((b, max_len), eos_id, jnp.int32).at[:, 0].set(bos_id)
 
-    def step(i, tokens):
-        mask = jnp.arange(max_len)[None] <= i
-        logits = apply_fn(params, src, src_mask, tokens, jnp.broadcast_to(mask, tokens.shape))
-        nxt = jnp.argmax(logits[:, i], -1).astype(jnp.int32)
-        done = jnp.any((tokens == eos_id) & mask, axis=1)
-        return tokens.at[:, i + 1].set(jnp.where(done, eos_id, nxt))
+    def step(i, carry):
+        tokens, state = carry
+        logits, state = step_fn(params, state, tokens[:, i], i)
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        done = jnp.any((tokens == eos_id) & (jnp.arange(max_len)[None] <= i), axis=1)
+        return tokens.at[:, i + 1].set(jnp.where(done, eos_id, nxt)), state
 
-    return jax.lax.fori_loop(0, max_len - 1, step, tokens)
+    state = start_fn(params, src, src_mask, max_len)
+    return jax.lax.fori_loop(0, max_len - 1, step, (tokens, state))[0]
 
 
 def translation_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:

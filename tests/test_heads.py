@@ -129,10 +129,39 @@ def test_seq2seq_overfits_and_decodes_exactly():
     batch = {"src": src, "src_mask": src > 0, "tgt": tgt, "tgt_mask": tgt_mask}
     params, _, metrics = _train(seq2seq.seq2seq_loss_fn(apply_fn), params, batch, 150, 3e-3)
     assert float(metrics["token_accuracy"]) == 1.0
+    start_fn, _ = mf.functionalize(model, "start_decoding")
+    step_fn, _ = mf.functionalize(model, "decode_step")
     decoded = seq2seq.greedy_decode(
-        apply_fn, params, src, src > 0, bos_id=bos, eos_id=eos, max_len=length
+        start_fn, step_fn, params, src, src > 0, bos_id=bos, eos_id=eos, max_len=length
     )
     np.testing.assert_array_equal(decoded, tgt)
+
+
+@pytest.mark.parametrize("shared_encoder", [False, True])
+def test_cached_decode_steps_equal_the_full_forward(shared_encoder):
+    """Each cached decoding step's logits equal the teacher-forced forward's at that position."""
+    b, s, length, vocab = 3, 6, 7, 30
+    kw = dict(max_len=length, dim=32, num_layers=2, num_heads=2, mlp_dim=64, rngs=nnx.Rngs(0))
+    src = jax.random.randint(jax.random.key(0), (b, s), 3, vocab)
+    src_mask = jnp.arange(s)[None] < jnp.array([[6], [4], [2]])
+    tgt = jax.random.randint(jax.random.key(1), (b, length), 3, vocab)
+    if shared_encoder:  # the Decoder reads another encoder's output: here random memory
+        model, inputs = (
+            seq2seq.Decoder(vocab, memory_dim=16, **kw),
+            jax.random.normal(jax.random.key(2), (b, s, 16)),
+        )
+    else:
+        model, inputs = seq2seq.Seq2Seq(vocab, **kw), src
+    apply_fn, params = mf.functionalize(model)
+    start_fn, _ = mf.functionalize(model, "start_decoding")
+    step_fn, _ = mf.functionalize(model, "decode_step")
+    full = apply_fn(params, inputs, src_mask, tgt, jnp.ones_like(tgt, bool))
+    state = start_fn(params, inputs, src_mask, length)
+    for i in range(length):
+        logits, state = jax.jit(step_fn)(params, state, tgt[:, i], i)
+        np.testing.assert_allclose(logits, full[:, i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(AttributeError, match="has no method 'decode'"):
+        mf.functionalize(model, "decode")
 
 
 def test_translation_metrics():
