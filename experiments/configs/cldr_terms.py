@@ -25,5 +25,4 @@ def get_config(arg: str | None = None):
     config.methods = ("maml", "reptile", "multitask", "scratch")
     config.num_steps = 600
     config.overrides.multitask.num_steps = 1350
-    config.eval.num_episodes = 300
     return common.parse(arg, config)

@@ -26,7 +26,6 @@ def get_config(arg: str | None = None):
     config.methods = ("maml", "reptile", "multitask", "scratch")
     config.overrides.multitask.num_steps = 6750
     config.eval.shots = (1, 5)
-    config.eval.num_episodes = 300
     config.mixed = ml_collections.ConfigDict()
     config.mixed.datasets = ("clinc150", "xquad", "tatoeba")
     config.mixed.overrides = ml_collections.ConfigDict(
