@@ -6,8 +6,9 @@ language into English, few-shot (a task is one source language; 25 languages hel
 
 Real data shipped by babel (offline). A character-level encoder-decoder; chrF and BLEU
 (sacrebleu) of greedy decodes on the query terms.
-Expected (measured 2026-11-29, 2-core CPU): 14 min 55 s; chrF 5 / 20-shot: MAML 11.8 / 13.1,
-Reptile 15.7 / 16.7, multi-task 35.0 / 37.8 (experiments/README.md).
+Expected (measured 2026-11-29, 2-core CPU): 19 min 4 s; chrF 5 / 20-shot after each method's
+test-time steps on 600 episodes: MAML 11.7 / 12.3, Reptile 13.9 / 15.9, multi-task 35.6 / 37.0
+(experiments/README.md).
 """
 
 from experiments.configs import common
