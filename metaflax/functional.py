@@ -25,7 +25,7 @@ def functionalize(module: nnx.Module, method: str = "__call__") -> tuple[Callabl
     """
     if not isinstance(module, nnx.Module):
         raise TypeError(f"functionalize expects a flax.nnx.Module, got {type(module).__name__}.")
-    if not callable(getattr(module, method, None)):
+    if not callable(getattr(type(module), method, None)):  # a method, not a submodule
         raise AttributeError(f"{type(module).__name__} has no method {method!r}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 

@@ -63,8 +63,8 @@ class _Block(nnx.Module):
         into ``cache`` (``[b, max_len, heads, dh]`` each) and attends to positions ``<= i``."""
         h = self.norm1(x)
         k, v = self.attn.key_values(h)
-        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, i, 1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, i, 1)
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), i, 1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), i, 1)
         seen = jnp.broadcast_to(jnp.arange(k.shape[1]) <= i, (x.shape[0], 1, k.shape[1]))
         x = x + self.attn.attend(h, k, v, seen)
         ck, cv, cross_mask = cross_cache
@@ -80,7 +80,12 @@ class DecodeState(NamedTuple):
     cross: list
 
 
-def _start(blocks, memory, memory_mask, max_len: int) -> DecodeState:
+def _start(blocks, pos, memory, memory_mask, max_len: int) -> DecodeState:
+    if not 1 <= max_len <= pos.shape[0]:
+        raise ValueError(
+            f"max_len={max_len} must be in [1, {pos.shape[0]}], the model's positions; build "
+            "the model with a larger max_len to decode longer outputs."
+        )
     b = memory.shape[0]
     cross_mask = memory_mask[:, None, :]
     cross, cache = [], []
@@ -145,7 +150,8 @@ class Seq2Seq(nnx.Module):
 
     def start_decoding(self, src, src_mask, max_len: int) -> DecodeState:
         """Encodes the source once for :func:`greedy_decode`."""
-        return _start(self.decoder, self.encode(src, src_mask), src_mask, max_len)
+        memory = self.encode(src, src_mask)
+        return _start(self.decoder, self.pos, memory, src_mask, max_len)
 
     def decode_step(self, state: DecodeState, token, i):
         """Logits ``[b, vocab]`` for position ``i + 1`` given ``token: [b]`` at position ``i``."""
@@ -199,7 +205,7 @@ class Decoder(nnx.Module):
 
     def start_decoding(self, memory, memory_mask, max_len: int) -> DecodeState:
         """Projects the encoder output once for :func:`greedy_decode`."""
-        return _start(self.blocks, self.bridge(memory), memory_mask, max_len)
+        return _start(self.blocks, self.pos, self.bridge(memory), memory_mask, max_len)
 
     def decode_step(self, state: DecodeState, token, i):
         """Logits ``[b, vocab]`` for position ``i + 1`` given ``token: [b]`` at position ``i``."""

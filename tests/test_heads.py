@@ -156,12 +156,21 @@ def test_cached_decode_steps_equal_the_full_forward(shared_encoder):
     start_fn, _ = mf.functionalize(model, "start_decoding")
     step_fn, _ = mf.functionalize(model, "decode_step")
     full = apply_fn(params, inputs, src_mask, tgt, jnp.ones_like(tgt, bool))
-    state = start_fn(params, inputs, src_mask, length)
+    state, step = start_fn(params, inputs, src_mask, length), jax.jit(step_fn)
     for i in range(length):
-        logits, state = jax.jit(step_fn)(params, state, tgt[:, i], i)
+        logits, state = step(params, state, tgt[:, i], i)
         np.testing.assert_allclose(logits, full[:, i], rtol=1e-5, atol=1e-5)
-    with pytest.raises(AttributeError, match="has no method 'decode'"):
-        mf.functionalize(model, "decode")
+    with pytest.raises(ValueError, match="build the model with a larger max_len"):
+        start_fn(params, inputs, src_mask, length + 1)
+
+
+def test_functionalize_method_names_a_method():
+    model = seq2seq.Seq2Seq(
+        30, max_len=4, dim=8, num_layers=1, num_heads=2, mlp_dim=8, rngs=nnx.Rngs(0)
+    )
+    for name in ("decode", "embed"):  # no such method; a parameter, not a method
+        with pytest.raises(AttributeError, match=f"has no method '{name}'"):
+            mf.functionalize(model, name)
 
 
 def test_translation_metrics():
