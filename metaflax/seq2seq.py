@@ -56,9 +56,12 @@ class _Block(nnx.Module):
         x = x + self.attn(h, h, self_mask)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), memory, cross_mask)
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x):
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x))))
 
-    def step(self, x, cache, i, cross_cache):
+    def step(self, x, cache, i, cross_kv, cross_mask):
         """One decoding position ``x: [b, 1, d]`` at index ``i``: writes its keys and values
         into ``cache`` (``[b, max_len, heads, dh]`` each) and attends to positions ``<= i``."""
         h = self.norm1(x)
@@ -67,17 +70,17 @@ class _Block(nnx.Module):
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), i, 1)
         seen = jnp.broadcast_to(jnp.arange(k.shape[1]) <= i, (x.shape[0], 1, k.shape[1]))
         x = x + self.attn.attend(h, k, v, seen)
-        ck, cv, cross_mask = cross_cache
-        x = x + self.cross.attend(self.norm_cross(x), ck, cv, cross_mask)
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x)))), (k, v)
+        x = x + self.cross.attend(self.norm_cross(x), *cross_kv, cross_mask)
+        return self._feed_forward(x), (k, v)
 
 
 class DecodeState(NamedTuple):
     """Incremental decoding: per decoder block the self-attention keys and values written so far
-    (``[b, max_len, heads, dh]``) and the cross-attention keys, values and mask of the source."""
+    (``[b, max_len, heads, dh]``) and the cross-attention keys and values; the source mask."""
 
     cache: list
     cross: list
+    cross_mask: jax.Array  # [b, 1, s]
 
 
 def _start(blocks, pos, memory, memory_mask, max_len: int) -> DecodeState:
@@ -87,22 +90,21 @@ def _start(blocks, pos, memory, memory_mask, max_len: int) -> DecodeState:
             "the model with a larger max_len to decode longer outputs."
         )
     b = memory.shape[0]
-    cross_mask = memory_mask[:, None, :]
     cross, cache = [], []
     for block in blocks:
         k, v = block.cross.key_values(memory)
-        cross.append((k, v, cross_mask))
+        cross.append((k, v))
         cache.append((jnp.zeros((b, max_len, *k.shape[2:]), k.dtype),) * 2)
-    return DecodeState(cache, cross)
+    return DecodeState(cache, cross, memory_mask[:, None, :])
 
 
 def _step(blocks, norm, embed, pos, state: DecodeState, token, i):
     y = (jnp.take(embed, token, axis=0) + jax.lax.dynamic_index_in_dim(pos, i, 0))[:, None]
     cache = []
     for block, c, cross in zip(blocks, state.cache, state.cross, strict=True):
-        y, c = block.step(y, c, i, cross)
+        y, c = block.step(y, c, i, cross, state.cross_mask)
         cache.append(c)
-    return (norm(y) @ embed.T)[:, 0], DecodeState(cache, state.cross)
+    return (norm(y) @ embed.T)[:, 0], state._replace(cache=cache)
 
 
 class Seq2Seq(nnx.Module):
@@ -253,14 +255,14 @@ def greedy_decode(
     tokens = jnp.full((b, max_len), eos_id, jnp.int32).at[:, 0].set(bos_id)
 
     def step(i, carry):
-        tokens, state = carry
+        tokens, done, state = carry
         logits, state = step_fn(params, state, tokens[:, i], i)
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        done = jnp.any((tokens == eos_id) & (jnp.arange(max_len)[None] <= i), axis=1)
-        return tokens.at[:, i + 1].set(jnp.where(done, eos_id, nxt)), state
+        done = done | (tokens[:, i] == eos_id)  # EOS at or before position i
+        nxt = jnp.where(done, eos_id, jnp.argmax(logits, -1).astype(jnp.int32))
+        return tokens.at[:, i + 1].set(nxt), done, state
 
-    state = start_fn(params, src, src_mask, max_len)
-    return jax.lax.fori_loop(0, max_len - 1, step, (tokens, state))[0]
+    carry = (tokens, jnp.zeros(b, bool), start_fn(params, src, src_mask, max_len))
+    return jax.lax.fori_loop(0, max_len - 1, step, carry)[0]
 
 
 def translation_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
