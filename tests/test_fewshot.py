@@ -222,7 +222,7 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
     # Each family's meta-gradient reaches the shared encoder.
     for name, family in families.items():
         alg = fewshot.make_algorithm("fomaml", family.loss_fn, family.task_init, config)
-        grads, _ = alg.meta_grad(params, family.meta_batch(0, 0, 2), jax.random.key(0))
+        grads, _ = jax.jit(alg.meta_grad)(params, family.meta_batch(0, 0, 2), jax.random.key(0))
         norm = optax.tree.norm(grads["encoder"])
         assert np.isfinite(norm) and norm > 0, name
     results = fewshot.train_and_evaluate(config, str(tmp_path))
