@@ -1,15 +1,15 @@
 """Greedy decoding: cached keys/values (``seq2seq.greedy_decode``) vs re-running the whole model.
 
-    python -m benchmarks.decoding          # writes benchmarks/results/decoding.{json,md}
+    python -m benchmarks.decoding          # writes benchmarks/results/decoding.json
 
 The model is the Tatoeba config's ``Seq2Seq`` (d=64, 2 layers, 2 heads, MLP 128, 50 target
 positions) with random weights and a 1,000-token vocabulary, decoding 25 episodes x 10 sources
 of 48 tokens, vmapped over 25 copies of the params (as few-shot evaluation decodes with each
-episode's adapted params). The baseline, :func:`full_recompute_decode`, is how decoding worked
-before the cache: at every position it runs encoder and decoder over the source and the whole
-target prefix. Both are jitted and timed in alternating rounds after a compile round; they must
-produce the same tokens. Decoding always runs all positions, so random weights cost the same
-as trained ones.
+episode's adapted params). The baseline, :func:`full_recompute_fns`, is how decoding worked
+before the cache: the same greedy loop, but every position runs encoder and decoder over the
+source and the whole target prefix. Both are jitted and timed in alternating rounds after a
+compile round; they must produce the same tokens. Decoding always runs all positions, so random
+weights cost the same as trained ones.
 """
 
 from __future__ import annotations
@@ -30,20 +30,20 @@ from metaflax import seq2seq
 BOS, EOS = 1, 2
 
 
-def full_recompute_decode(apply_fn, params, src, src_mask, *, bos_id, eos_id, max_len):
-    """Greedy decoding without a cache: position ``i`` runs the full forward on the prefix."""
-    b = src.shape[0]
-    tokens = jnp.full((b, max_len), eos_id, jnp.int32).at[:, 0].set(bos_id)
-    tgt_mask = jnp.ones((b, max_len), bool)  # the causal mask hides the positions after i
+def full_recompute_fns(apply_fn):
+    """``(start_fn, step_fn)`` for :func:`seq2seq.greedy_decode` without a cache: the state is
+    the source and the tokens so far, and every position runs the full forward on them."""
 
-    def step(i, carry):
-        tokens, done = carry
-        logits = apply_fn(params, src, src_mask, tokens, tgt_mask)[:, i]
-        done = done | (tokens[:, i] == eos_id)
-        nxt = jnp.where(done, eos_id, jnp.argmax(logits, -1).astype(jnp.int32))
-        return tokens.at[:, i + 1].set(nxt), done
+    def start_fn(params, src, src_mask, max_len):
+        return src, src_mask, jnp.zeros((src.shape[0], max_len), jnp.int32)
 
-    return jax.lax.fori_loop(0, max_len - 1, step, (tokens, jnp.zeros(b, bool)))[0]
+    def step_fn(params, state, token, i):
+        src, src_mask, tokens = state
+        tokens = tokens.at[:, i].set(token)
+        mask = jnp.ones(tokens.shape, bool)  # the causal mask hides the positions after i
+        return apply_fn(params, src, src_mask, tokens, mask)[:, i], (src, src_mask, tokens)
+
+    return start_fn, step_fn
 
 
 def setup(vocab=1000, dim=64, layers=2, heads=2, mlp=128, tgt_len=50, seed=0):
@@ -55,10 +55,11 @@ def setup(vocab=1000, dim=64, layers=2, heads=2, mlp=128, tgt_len=50, seed=0):
     apply_fn, params = mf.functionalize(model)
     start_fn, _ = mf.functionalize(model, "start_decoding")
     step_fn, _ = mf.functionalize(model, "decode_step")
+    recompute = full_recompute_fns(apply_fn)
     kw = dict(bos_id=BOS, eos_id=EOS, max_len=tgt_len)
     decoders = {
         "cached": lambda p, s, m: seq2seq.greedy_decode(start_fn, step_fn, p, s, m, **kw),
-        "full_recompute": lambda p, s, m: full_recompute_decode(apply_fn, p, s, m, **kw),
+        "full_recompute": lambda p, s, m: seq2seq.greedy_decode(*recompute, p, s, m, **kw),
     }
     return decoders, params
 
