@@ -7,7 +7,8 @@ For each seed, metaflax's ``mf.maml`` (via :mod:`experiments.sinusoid`) and the 
 of :mod:`benchmarks.reference` (a Python ``jax.grad`` + SGD inner step, ``vmap`` over tasks,
 ``optax.adam`` outside) are meta-trained in the issue's setting (K=10, meta-batch 25, inner SGD
 0.01 without clipping, constant outer Adam 1e-3) from the same initialisation on the same task
-stream, then scored with :func:`experiments.sinusoid.evaluate` (1000 fresh tasks, one SGD step).
+stream, then scored with :func:`experiments.sinusoid.evaluate` (the sinusoid config's 10,000
+fresh tasks, one SGD step).
 Prints one row per seed and writes ``sinusoid_reference.json`` to ``--workdir``.
 """
 

@@ -20,8 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_query = 10
     config.inner_lr = 0.01
     # Global-norm clip of inner gradients (0 disables). Step-0 gradient norms of a trained MAML
-    # model stay below ~95, so one-step adaptation is untouched; without it a few 5-shot tasks
-    # diverge over 10 steps (support points clustered where the learned landscape is sharp).
+    # model exceed 100 on 7 of 10,000 5-shot test tasks (none at 10 or 20 shots), so one-step
+    # adaptation is barely touched; without it a few 5-shot tasks diverge over 10 steps (support
+    # points clustered where the learned landscape is sharp).
     config.inner_clip = 100.0
     config.outer_lr = 1e-3
     config.outer_lr_decay = True  # cosine decay to 0 over num_steps
@@ -36,7 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.shots = (5, 10, 20)
     config.eval.inner_steps = (1, 10)
     config.eval.curve_steps = (1, 2, 3, 5, 10)  # MSE-vs-steps plot
-    config.eval.num_tasks = 1000
+    # 10,000 tasks: at 1,000 the 5-shot mean's standard error (~0.022) is as large as the gap
+    # between algorithms or to the bar, and a fixed set of 1,000 can sit 1.5 standard
+    # errors off (measured in README.md). Evaluation takes seconds either way.
+    config.eval.num_tasks = 10_000
     config.eval.num_query = 100
     config.eval.seed = 1234
 
