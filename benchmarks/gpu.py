@@ -60,6 +60,7 @@ import optax
 from flax import nnx
 
 import metaflax as mf
+from benchmarks.workloads import cost_flops
 from metaflax import bert, heads
 
 # Dense bf16 peak TFLOP/s per chip, matched in order against jax's device_kind.
@@ -176,11 +177,6 @@ def make_maml(cfg: Config, loss_fn, inner_steps: int, *, remat=None, task_map=No
     )
 
 
-def _flops(cost) -> float:
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost["flops"])
-
-
 def peak_tflops(cfg: Config, device) -> float | None:
     if cfg.peak_tflops:
         return cfg.peak_tflops
@@ -208,10 +204,10 @@ def measure(cfg: Config, inner_steps: int, compile_only: bool = False) -> dict:
     compile_s = time.perf_counter() - t0
     # XLA's FLOP count of the step with nothing in a loop (XLA counts a loop body once)
     if inner_steps == 1 and cfg.task_map == "vmap":  # the step itself: no remat, no loop
-        xla_flops = _flops(lowered.cost_analysis())
+        xla_flops = cost_flops(lowered.cost_analysis())
     elif cfg.check_flops:  # tracing the written-out step takes minutes at BERT-base size
         flat = make_maml(cfg, loss_fn, inner_steps, remat=False, task_map="vmap")
-        xla_flops = _flops(jax.jit(flat.step).lower(state, episodes, key).cost_analysis())
+        xla_flops = cost_flops(jax.jit(flat.step).lower(state, episodes, key).cost_analysis())
     else:
         xla_flops = None
     mem = compiled.memory_analysis()
@@ -223,7 +219,7 @@ def measure(cfg: Config, inner_steps: int, compile_only: bool = False) -> dict:
         "compile_s": compile_s,
         "model_flops": model_flops(cfg, inner_steps),
         "xla_flops": xla_flops,
-        "xla_flops_compiled": _flops(compiled.cost_analysis()),
+        "xla_flops_compiled": cost_flops(compiled.cost_analysis()),
         "xla_memory_bytes": mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         + mem.temp_size_in_bytes

@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, vmap
 import metaflax as mf
 from benchmarks import report
 from benchmarks.reference import _rate
-from benchmarks.workloads import WORKLOADS, Workload, make_algorithm
+from benchmarks.workloads import WORKLOADS, Workload, cost_flops, make_algorithm
 from metaflax.core import check_episodes
 
 # ----------------------------------------------------------------------------------------------
@@ -509,9 +509,11 @@ def compare(
     compiles and warms up and is not counted)."""
     alg = make_algorithm(kind, w, num_inner_steps)
     mf_step = jax.jit(alg.step, donate_argnums=0)
+    key = jax.random.key(0)
+    # XLA's count for the step as written (every op; the peers compute the same numbers)
+    flops = cost_flops(mf_step.lower(alg.init(w.params), w.episodes, key).cost_analysis())
     tw = torch_workload(w)
     made = {name: make_peer(name, kind, tw, num_inner_steps) for name in peers}
-    key = jax.random.key(0)
     totals = {name: [0, 0.0] for name in ("metaflax", *made)}
     for r in range(rounds + 1):
         runs = {"metaflax": (mf_step, (alg.init(w.params),), w.episodes)}
@@ -529,7 +531,43 @@ def compare(
         "peers_tasks_per_s": rates,
         "best_peer": best,
         "ratio": mf_rate / rates[best],  # metaflax tasks/s / best peer's tasks/s
+        "flops_per_task": flops / tasks,
     }
+
+
+# Matmuls timed alone in both frameworks: (einsum, lhs shape, rhs shape). The encoder's are the
+# MLP's input projection over a meta-batch (per-task weights) and its weight gradient.
+GEMMS = {
+    "1024 x 1024 square": ("ij,jk->ik", (1024, 1024), (1024, 1024)),
+    "encoder x W [8,800,128] x [8,128,512]": ("tnd,tdf->tnf", (8, 800, 128), (8, 128, 512)),
+    "encoder dW = x^T dy [8,800,128] x [8,800,512]": ("tnd,tnf->tdf", (8, 800, 128), (8, 800, 512)),
+}
+
+
+def gemm_gflops(seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """fp32 GFLOP/s of each of ``GEMMS`` in jax (XLA:CPU) and in torch on this machine, with the
+    current thread settings: the ceiling a compute-bound meta-step's GFLOP/s is read against."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for case, (eq, lhs, rhs) in GEMMS.items():
+        a, b = (rng.standard_normal(s, np.float32) for s in (lhs, rhs))
+        sizes = dict(zip(eq.split("->")[0].replace(",", ""), (*lhs, *rhs), strict=True))
+        flops = 2 * math.prod(sizes.values())
+        f = jax.jit(lambda x, y, eq=eq: jnp.einsum(eq, x, y))
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        runs = {
+            "jax": lambda f=f, ja=ja, jb=jb: f(ja, jb).block_until_ready(),
+            "torch": lambda eq=eq, ta=ta, tb=tb: torch.einsum(eq, ta, tb),
+        }
+        out[case] = {}
+        for name, run in runs.items():
+            run()
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                run()
+                n += 1
+            out[case][name] = flops * n / (time.perf_counter() - start) / 1e9
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -540,12 +578,17 @@ def markdown(result: dict) -> str:
         f"({m['torch_threads']} intra-op threads), higher {m['higher']}, 1-min load average "
         f"{m['load_average'][0]:.1f} -> {m['load_average'][1]:.1f}: `{m['command']}`.",
         "",
+        "fp32 matmuls alone, GFLOP/s (jax / torch): "
+        + "; ".join(f"{k} {v['jax']:,.0f} / {v['torch']:,.0f}" for k, v in m["gemm"].items())
+        + ". GFLOP/s below = tasks/s x XLA's FLOP count per task (the same math on both sides).",
+        "",
         "| workload | algorithm | inner steps | tasks | metaflax tasks/s | "
         + " | ".join(f"{p} tasks/s" for p in m["peers"])
-        + " | metaflax / best peer |",
-        "|---|---|---|---|---|" + "---|" * len(m["peers"]) + "---|",
+        + " | metaflax / best peer | GFLOP/s metaflax / best peer |",
+        "|---|---|---|---|---|" + "---|" * len(m["peers"]) + "---|---|",
     ]
     for r in result["rows"]:
+        per_task = r["flops_per_task"] / 1e9
         cells = [
             f"{r['peers_tasks_per_s'][p]:,.1f}" if p in r["peers_tasks_per_s"] else "n/a"
             for p in m["peers"]
@@ -553,7 +596,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['tasks']} | "
             f"{r['metaflax_tasks_per_s']:,.1f} | {' | '.join(cells)} | "
-            f"{r['ratio']:.2f} ({r['best_peer']}) |"
+            f"{r['ratio']:.2f} ({r['best_peer']}) | {r['metaflax_tasks_per_s'] * per_task:,.1f} / "
+            f"{r['peers_tasks_per_s'][r['best_peer']] * per_task:,.1f} |"
         )
     return "\n".join(lines)
 
@@ -587,6 +631,9 @@ def main():
         flush=True,
     )
     rows, load_before = [], os.getloadavg()[0]
+    gemm = gemm_gflops()
+    for case, rates in gemm.items():
+        print(f"fp32 {case}: jax {rates['jax']:,.0f}, torch {rates['torch']:,.0f} GFLOP/s")
     for wl in args.workloads.split(","):
         if wl not in WORKLOADS:
             raise SystemExit(f"unknown workload {wl!r}; valid: {', '.join(WORKLOADS)}")
@@ -603,7 +650,8 @@ def main():
                 peer_rates = ", ".join(f"{n} {v:,.1f}" for n, v in r["peers_tasks_per_s"].items())
                 print(
                     f"{wl:9s} {kind:8s} k={k}: metaflax {r['metaflax_tasks_per_s']:,.1f} tasks/s;"
-                    f" {peer_rates}; metaflax / best peer {r['ratio']:.2f}",
+                    f" {peer_rates}; metaflax / best peer {r['ratio']:.2f};"
+                    f" {r['flops_per_task'] / 1e9:.3g} GFLOP per task",
                     flush=True,
                 )
     try:
@@ -622,6 +670,7 @@ def main():
         # Other work on the machine slows both sides, multi-threaded torch ops most.
         "load_average": [load_before, os.getloadavg()[0]],
         "peers": peers,
+        "gemm": gemm,
         "seconds": args.seconds,
         "rounds": args.rounds,
     }

@@ -34,6 +34,13 @@ def run_info() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jax": jax.__version__}
 
 
+def cost_flops(cost) -> float:
+    """``cost_analysis()["flops"]`` of a lowered or compiled jitted function (a dict, or a
+    one-element list of dicts in older jax)."""
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
 class Workload(NamedTuple):
     name: str
     loss_fn: Any
