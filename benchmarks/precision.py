@@ -12,7 +12,10 @@ float32, the model computes in bfloat16. For each workload it reports
   key) against a float64 reference computed under ``jax.enable_x64`` with the params and
   episodes cast to float64: relative L2 error ``|g - g_ref| / |g_ref|`` and cosine similarity,
   overall and split into matrices (kernels, embeddings: ndim >= 2) and vectors (biases,
-  normalisation scales). bf16 is also compared with float32 directly.
+  normalisation scales). bf16 is also compared with float32 directly;
+- the backend's matmul alone (1024 x 1024, GFLOP/s): float32, bfloat16 with a bfloat16 result
+  (what the model's layers ask for), and bfloat16 accumulating into float32
+  (``preferred_element_type``).
 """
 
 from __future__ import annotations
@@ -110,9 +113,35 @@ def speed(w: Workload, num_inner_steps: int, seconds: float, rounds: int) -> dic
     }
 
 
+MATMULS = {  # name -> (operand dtype, result dtype)
+    "fp32": (jnp.float32, jnp.float32),
+    "bf16 -> bf16": (jnp.bfloat16, jnp.bfloat16),
+    "bf16 -> fp32": (jnp.bfloat16, jnp.float32),
+}
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of one ``size x size`` matmul for each of ``MATMULS``."""
+    out = {}
+    for name, (dtype, result) in MATMULS.items():
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+        f = jax.jit(lambda x, result=result: jnp.matmul(x, x, preferred_element_type=result))
+        f(a).block_until_ready()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            f(a).block_until_ready()
+            n += 1
+        out[name] = 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"{result['date']}, {result['machine']}, jax {result['jax']}.",
+        "",
+        "1024 x 1024 matmul alone, GFLOP/s: "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in result["matmul_gflops"].items())
+        + ".",
         "",
         "| workload | inner steps | fp32 tasks/s | bf16 tasks/s | bf16 speed-up | "
         "support loss before each inner step (fp32) |",
@@ -152,10 +181,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    result = {
-        **run_info(),
-        "rows": [],
-    }
+    result = {**run_info(), "matmul_gflops": matmul_gflops(), "rows": []}
+    print("1024 x 1024 matmul, GFLOP/s:", result["matmul_gflops"], flush=True)
     rows = result["rows"]
     for name in args.workloads.split(","):
         if name not in WORKLOADS:
