@@ -51,7 +51,13 @@ from torch.func import functional_call, grad, vmap
 import metaflax as mf
 from benchmarks import report
 from benchmarks.reference import _rate
-from benchmarks.workloads import WORKLOADS, Workload, cost_flops, make_algorithm
+from benchmarks.workloads import (
+    WORKLOADS,
+    Workload,
+    calls_per_second,
+    cost_flops,
+    make_algorithm,
+)
 from metaflax.core import check_episodes
 
 # ----------------------------------------------------------------------------------------------
@@ -559,14 +565,7 @@ def gemm_gflops(seconds: float = 1.0) -> dict[str, dict[str, float]]:
             "jax": lambda f=f, ja=ja, jb=jb: f(ja, jb).block_until_ready(),
             "torch": lambda eq=eq, ta=ta, tb=tb: torch.einsum(eq, ta, tb),
         }
-        out[case] = {}
-        for name, run in runs.items():
-            run()
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                run()
-                n += 1
-            out[case][name] = flops * n / (time.perf_counter() - start) / 1e9
+        out[case] = {name: flops * calls_per_second(r, seconds) / 1e9 for name, r in runs.items()}
     return out
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 import metaflax as mf
 from benchmarks import report
-from benchmarks.workloads import WORKLOADS, Workload, make_algorithm, run_info
+from benchmarks.workloads import WORKLOADS, Workload, calls_per_second, make_algorithm, run_info
 from metaflax.core import check_episodes
 
 PRECISIONS = ("fp32", "bf16")
@@ -126,12 +126,8 @@ def matmul_gflops(size: int = 1024, seconds: float = 1.0) -> dict[str, float]:
     for name, (dtype, result) in MATMULS.items():
         a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
         f = jax.jit(lambda x, result=result: jnp.matmul(x, x, preferred_element_type=result))
-        f(a).block_until_ready()
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            f(a).block_until_ready()
-            n += 1
-        out[name] = 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+        rate = calls_per_second(lambda f=f, a=a: f(a).block_until_ready(), seconds)
+        out[name] = 2 * size**3 * rate / 1e9
     return out
 
 

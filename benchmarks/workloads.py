@@ -34,6 +34,17 @@ def run_info() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "jax": jax.__version__}
 
 
+def calls_per_second(fn, seconds: float) -> float:
+    """How many times per second ``fn()`` runs (it must block until done), after one warm-up
+    call (compilation)."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
 def cost_flops(cost) -> float:
     """``cost_analysis()["flops"]`` of a lowered or compiled jitted function (a dict, or a
     one-element list of dicts in older jax)."""
