@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import metaflax as mf
-from metaflax.models import MLP, Conv4, TextClassifier, conv3x3, max_pool_2x2
+from metaflax.models import MLP, Conv4, TextClassifier, conv3x3, dense_dot_general, max_pool_2x2
 
 
 def test_functionalize_matches_the_module():
@@ -18,6 +18,30 @@ def test_functionalize_matches_the_module():
     x = jax.random.normal(jax.random.key(0), (4, 3))
     np.testing.assert_array_equal(apply_fn(params, x), model(x))
     assert isinstance(params, dict) and set(params["layers"][0]) == {"bias", "kernel"}
+
+
+def test_dense_dot_general_equals_lax_to_third_order(x64):
+    # Its custom VJP must give JAX's own derivatives at every order MAML uses (and more), on
+    # a batched input under vmap, as in a meta-batch of tasks with per-task weights.
+    dims = (((2,), (0,)), ((), ()))
+    x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6))  # [tasks, batch, seq, d]
+    w = jax.random.normal(jax.random.key(1), (3, 6, 7))
+    v = jax.random.normal(jax.random.key(2), (3, 6, 7))
+
+    def third(dot):
+        f = lambda w, x: jnp.sum(jnp.sin(dot(x, w, dims)))  # noqa: E731
+        hvp = lambda w, x, v: jax.grad(lambda w: jnp.vdot(jax.grad(f)(w, x), v))(w)  # noqa: E731
+        return jax.vmap(jax.grad(lambda w, x, v: jnp.sum(jnp.cos(hvp(w, x, v))), (0, 1)))(w, x, v)
+
+    for got, want in zip(
+        jax.tree.leaves(third(dense_dot_general)),
+        jax.tree.leaves(third(jax.lax.dot_general)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Anything but a plain x @ W falls through to lax.dot_general, with its options.
+    y = dense_dot_general(x[0], w[0], dims, preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32
 
 
 def test_conv3x3_equals_lax_conv():
