@@ -158,7 +158,11 @@ def _batched_matmul_bwd(res, g):
     return _batched_matmul(g, y.swapaxes(-1, -2)), _batched_matmul(x.swapaxes(-1, -2), g)
 
 
-_batched_matmul.defvjp(lambda x, y: (_batched_matmul(x, y), (x, y)), _batched_matmul_bwd)
+def _batched_matmul_fwd(x, y):
+    return _batched_matmul(x, y), (x, y)
+
+
+_batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
 
 
 def dense_dot_general(
@@ -173,9 +177,8 @@ def dense_dot_general(
     order of MAML. Flattened to ``[batch * seq, d]`` and transposed explicitly (and the
     attention's batched products likewise), the encoder's second-order MAML step went from 0.71x
     to 1.1x the best PyTorch peer's speed on CPU (``benchmarks/README.md``). Other contractions
-    fall through to
-    ``lax.dot_general``. Reverse mode only (``jax.jvp`` of it is not defined), which is all
-    metaflax uses.
+    fall through to ``lax.dot_general``. Reverse mode only (``jax.jvp`` of it is not defined),
+    which is all metaflax uses.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     plain = tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
