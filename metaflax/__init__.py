@@ -20,7 +20,14 @@ from metaflax.algorithms import (
     scale_by_learned_lr,
     scale_by_per_step_lr,
 )
-from metaflax.core import Episode, check_episodes, make_adapt_fn, map_tasks, mixed_precision
+from metaflax.core import (
+    Episode,
+    broadcast_to_tasks,
+    check_episodes,
+    make_adapt_fn,
+    map_tasks,
+    mixed_precision,
+)
 from metaflax.evaluation import mean_ci95
 from metaflax.functional import functionalize
 
@@ -32,6 +39,7 @@ __all__ = [
     "MetaState",
     "adapt_only",
     "bert",
+    "broadcast_to_tasks",
     "check_episodes",
     "check_finite",
     "functionalize",

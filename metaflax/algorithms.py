@@ -8,6 +8,7 @@ the meta-gradient across devices between the two.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -18,7 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaflax.core import Episode, LossFn, PyTree, check_episodes, make_adapt_fn, map_tasks
+from metaflax.core import (
+    Episode,
+    LossFn,
+    PyTree,
+    broadcast_to_tasks,
+    check_episodes,
+    make_adapt_fn,
+    map_tasks,
+)
 
 AdaptMask = PyTree | Callable[[PyTree], PyTree] | None
 
@@ -203,15 +212,19 @@ def _adapt_tasks(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Calla
     def adapt_tasks(meta_params, episodes, key):
         num_tasks = check_episodes(episodes)
 
-        def one_task(episode, task_key):
+        def one_task(params, episode, task_key):
             inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(meta_params, episode.support, inner_key)
+            adapted, inner_losses = adapt(params, episode.support, inner_key)
             loss, metrics = loss_fn(adapted, episode.query, query_key)
             return adapted, loss, metrics, inner_losses
 
-        adapted, losses, metrics, inner_losses = map_tasks(one_task, task_map)(
-            episodes, task_keys(key, num_tasks)
-        )
+        keys = task_keys(key, num_tasks)
+        if task_map == "vmap":
+            per_task = broadcast_to_tasks(meta_params, num_tasks)
+            out = jax.vmap(one_task)(per_task, episodes, keys)
+        else:  # sequential: one copy of the meta-parameters, closed over
+            out = map_tasks(functools.partial(one_task, meta_params), task_map)(episodes, keys)
+        adapted, losses, metrics, inner_losses = out
         return adapted, _task_metrics(losses, metrics, inner_losses)
 
     return adapt_tasks

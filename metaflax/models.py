@@ -148,21 +148,21 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @jax.custom_vjp
-def _batched_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``x @ y`` over leading batch axes (attention), derivatives again as ``_batched_matmul``."""
+def batched_matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x @ y`` over leading batch axes (attention), derivatives again as ``batched_matmul``."""
     return x @ y
 
 
 def _batched_matmul_bwd(res, g):
     x, y = res
-    return _batched_matmul(g, y.swapaxes(-1, -2)), _batched_matmul(x.swapaxes(-1, -2), g)
+    return batched_matmul(g, y.swapaxes(-1, -2)), batched_matmul(x.swapaxes(-1, -2), g)
 
 
 def _batched_matmul_fwd(x, y):
-    return _batched_matmul(x, y), (x, y)
+    return batched_matmul(x, y), (x, y)
 
 
-_batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
 
 
 def dense_dot_general(
@@ -215,11 +215,11 @@ class EncoderBlock(nnx.Module):
         b, t, d = x.shape  # x: [batch, seq, dim]; mask: [batch, seq]
         q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3 * self.num_heads, -1), 3, 2)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [batch, heads, seq, dim]
-        logits = _batched_matmul(q, k.swapaxes(-1, -2))  # softmax in >= float32, also under bf16
+        logits = batched_matmul(q, k.swapaxes(-1, -2))  # softmax in >= float32, also under bf16
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         logits = logits / jnp.sqrt(q.shape[-1]).astype(logits.dtype)
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        attn = _batched_matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+        attn = batched_matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
         x = x + self.out(attn.transpose(0, 2, 1, 3).reshape(b, t, d))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
 

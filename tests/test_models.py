@@ -9,7 +9,15 @@ import pytest
 from flax import nnx
 
 import metaflax as mf
-from metaflax.models import MLP, Conv4, TextClassifier, conv3x3, dense_dot_general, max_pool_2x2
+from metaflax.models import (
+    MLP,
+    Conv4,
+    TextClassifier,
+    batched_matmul,
+    conv3x3,
+    dense_dot_general,
+    max_pool_2x2,
+)
 
 
 def test_functionalize_matches_the_module():
@@ -20,7 +28,7 @@ def test_functionalize_matches_the_module():
     assert isinstance(params, dict) and set(params["layers"][0]) == {"bias", "kernel"}
 
 
-def test_dense_dot_general_equals_lax_to_third_order(x64):
+def test_dense_and_batched_matmul_equal_lax_to_third_order(x64):
     # Its custom VJP must give JAX's own derivatives at every order MAML uses (and more), on
     # a batched input under vmap, as in a meta-batch of tasks with per-task weights.
     dims = (((2,), (0,)), ((), ()))
@@ -36,6 +44,17 @@ def test_dense_dot_general_equals_lax_to_third_order(x64):
     for got, want in zip(
         jax.tree.leaves(third(dense_dot_general)),
         jax.tree.leaves(third(jax.lax.dot_general)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+    # The attention products: batched_matmul against jnp.matmul, likewise to third order.
+    def bmm(mm):  # x: [batch, seq, d] @ w: [batch, d, e], w the same for every batch row
+        return lambda x, w, dims: mm(x, jnp.broadcast_to(w, (*x.shape[:-2], *w.shape)))
+
+    for got, want in zip(
+        jax.tree.leaves(third(bmm(batched_matmul))),
+        jax.tree.leaves(third(bmm(jnp.matmul))),
         strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
