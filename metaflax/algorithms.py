@@ -205,23 +205,34 @@ def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> N
     map_tasks(lambda x: x, task_map)  # validates task_map
 
 
-def _adapt_tasks(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
+def _adapt_tasks(
+    adapt: Callable, loss_fn: LossFn, task_map: str | int, differentiated: bool = True
+) -> Callable:
     """``adapt_tasks(meta_params, episodes, key) -> (adapted, metrics)``: every task adapted on
-    its support set (``adapted`` has a leading ``[tasks]`` axis) and scored on its query set."""
+    its support set (``adapted`` has a leading ``[tasks]`` axis) and scored on its query set.
+
+    ``differentiated``: the meta-gradient flows through ``adapt`` (the MAML family). Under
+    ``vmap`` each task then adapts its own copy of the meta-parameters
+    (:func:`broadcast_to_tasks`, whose cotangents are summed cheaply), with the first inner
+    step's gradient taken at the shared ones (``adapt(..., shared=meta_params)``)."""
 
     def adapt_tasks(meta_params, episodes, key):
         num_tasks = check_episodes(episodes)
 
-        def one_task(params, episode, task_key):
+        def one_task(params, episode, task_key, **shared):
             inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(params, episode.support, inner_key)
+            adapted, inner_losses = adapt(params, episode.support, inner_key, **shared)
             loss, metrics = loss_fn(adapted, episode.query, query_key)
             return adapted, loss, metrics, inner_losses
 
         keys = task_keys(key, num_tasks)
-        if task_map == "vmap":
+        if task_map == "vmap" and differentiated:
             per_task = broadcast_to_tasks(meta_params, num_tasks)
-            out = jax.vmap(one_task)(per_task, episodes, keys)
+            out = jax.vmap(lambda p, e, k: one_task(p, e, k, shared=meta_params))(
+                per_task, episodes, keys
+            )
+        elif task_map == "vmap":
+            out = jax.vmap(functools.partial(one_task, meta_params))(episodes, keys)
         else:  # sequential: one copy of the meta-parameters, closed over
             out = map_tasks(functools.partial(one_task, meta_params), task_map)(episodes, keys)
         adapted, losses, metrics, inner_losses = out
@@ -230,9 +241,11 @@ def _adapt_tasks(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Calla
     return adapt_tasks
 
 
-def _query_loss_after(adapt: Callable, loss_fn: LossFn, task_map: str | int) -> Callable:
+def _query_loss_after(
+    adapt: Callable, loss_fn: LossFn, task_map: str | int, differentiated: bool = True
+) -> Callable:
     """``meta_loss``: the mean over tasks of the query loss after ``adapt`` on the support set."""
-    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map)
+    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map, differentiated)
 
     def meta_loss(meta_params, episodes, key):
         _, metrics = adapt_tasks(meta_params, episodes, key)
@@ -273,8 +286,9 @@ def _maml_family(
 ) -> MetaAlgorithm:
     _check_common(num_inner_steps, outer_tx, task_map)
 
-    def adapt(meta_params, support, key, num_steps=None):
+    def adapt(meta_params, support, key, num_steps=None, shared=None):
         params, inner_tx = inner_parts(meta_params)
+        shared = None if shared is None else inner_parts(shared)[0]
         fn = make_adapt_fn(
             loss_fn,
             inner_tx,
@@ -283,7 +297,7 @@ def _maml_family(
             remat=remat,
             task_init=task_init,
         )
-        return fn(params, support, key)
+        return fn(params, support, key, shared)
 
     meta_loss = _query_loss_after(adapt, loss_fn, task_map)
     return _assemble(init_meta, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
@@ -506,8 +520,8 @@ def reptile(
         )
         return fn(meta_params, support, key)
 
-    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map)
-    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
+    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map, differentiated=False)
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map, differentiated=False)
 
     def meta_grad(meta_params, episodes, key):
         adapted, metrics = adapt_tasks(meta_params, episodes, key)  # adapted: [tasks, ...]
@@ -547,8 +561,8 @@ def protonet(
     if not callable(task_init):
         raise TypeError("protonet needs task_init(params, support) -> params (the classifier).")
 
-    def adapt(meta_params, support, key, num_steps=None):
-        del key, num_steps
+    def adapt(meta_params, support, key, num_steps=None, shared=None):
+        del key, num_steps, shared
         return task_init(meta_params, support), jnp.zeros((0,))
 
     meta_loss = _query_loss_after(adapt, loss_fn, task_map)
