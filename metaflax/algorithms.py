@@ -56,7 +56,9 @@ class MetaAlgorithm(NamedTuple):
         ``outer_tx``; a non-finite loss or gradient leaves the state unchanged.
       adapt: ``adapt(meta_params, support, key, num_steps=None) -> (adapted_params,
         inner_losses)`` for one task (no task axis): few-shot adaptation at evaluation time,
-        optionally with a different number of inner steps than in training.
+        optionally with a different number of inner steps than in training. (Its ``shared=``
+        argument is how meta-training passes the unmapped meta-parameters; see
+        :func:`make_adapt_fn`.)
     """
 
     init: Callable[[PyTree], MetaState]
@@ -219,9 +221,9 @@ def _adapt_tasks(
     def adapt_tasks(meta_params, episodes, key):
         num_tasks = check_episodes(episodes)
 
-        def one_task(params, episode, task_key, **shared):
+        def one_task(params, episode, task_key, shared=None):
             inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(params, episode.support, inner_key, **shared)
+            adapted, inner_losses = adapt(params, episode.support, inner_key, shared=shared)
             loss, metrics = loss_fn(adapted, episode.query, query_key)
             return adapted, loss, metrics, inner_losses
 
@@ -514,7 +516,8 @@ def reptile(
     _check_common(num_inner_steps, outer_tx, task_map)
     masked = adapt_only(inner_tx, adapt_mask)
 
-    def adapt(meta_params, support, key, num_steps=None):
+    def adapt(meta_params, support, key, num_steps=None, shared=None):
+        del shared  # nothing is differentiated: the first step runs on the shared parameters
         fn = make_adapt_fn(
             loss_fn, masked, num_steps or num_inner_steps, first_order=True, task_init=task_init
         )

@@ -7,7 +7,7 @@ currencies): runs offline on a fresh machine. The README's main job:
     python -m experiments.fewshot                          # this config
     python -m experiments.fewshot --config experiments/configs/cldr.py:runlocal
 
-Expected (measured 2026-11-29, idle 2-core CPU): 10 min 51 s; 5-way accuracy on the held-out
+Expected (measured 2026-11-30, idle 2-core CPU): 9 min 24 s; 5-way accuracy on the held-out
 languages, 1 / 5-shot, after each method's test-time steps: MAML 68.5 / 73.8, Reptile 54.5 /
 58.9, multi-task 69.6 / 77.0, character 1-3-gram floor 61.0 / 70.3 (table: README.md).
 """
