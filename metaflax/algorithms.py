@@ -233,9 +233,7 @@ def _adapt_tasks(
             out = jax.vmap(lambda p, e, k: one_task(p, e, k, shared=meta_params))(
                 per_task, episodes, keys
             )
-        elif task_map == "vmap":
-            out = jax.vmap(functools.partial(one_task, meta_params))(episodes, keys)
-        else:  # sequential: one copy of the meta-parameters, closed over
+        else:  # one copy of the meta-parameters, closed over
             out = map_tasks(functools.partial(one_task, meta_params), task_map)(episodes, keys)
         adapted, losses, metrics, inner_losses = out
         return adapted, _task_metrics(losses, metrics, inner_losses)
@@ -517,7 +515,7 @@ def reptile(
     masked = adapt_only(inner_tx, adapt_mask)
 
     def adapt(meta_params, support, key, num_steps=None, shared=None):
-        del shared  # nothing is differentiated: the first step runs on the shared parameters
+        del shared  # never given: Reptile's tasks close over the meta-parameters
         fn = make_adapt_fn(
             loss_fn, masked, num_steps or num_inner_steps, first_order=True, task_init=task_init
         )

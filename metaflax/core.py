@@ -177,6 +177,8 @@ def make_adapt_fn(
       :func:`broadcast_to_tasks`. The first step's gradient is then taken at ``shared`` (one
       program over all tasks' support sets) and its update applied to ``params`` (whose
       cotangents :func:`broadcast_to_tasks` sums cheaply). Same numbers, faster on XLA:CPU.
+      Used by written-out loops (``num_steps <= 5``, no ``remat``) without ``task_init``
+      (which changes the parameters before the first step); ignored otherwise.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> loss_fn = lambda p, b, k: (0.5 * jnp.sum((p - b) ** 2), {})

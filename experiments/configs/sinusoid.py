@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 10,000 tasks: at 1,000 the 5-shot mean's standard error (~0.022) is as large as the gap
     # between algorithms or to the bar, and a fixed set of 1,000 can sit 1.5 standard
     # errors off (measured in README.md). It costs ~30 s of evaluation per algorithm here (3 shots
-    # x 5 step counts), ~3 of the default run's 8.5 minutes.
+    # x 5 step counts), ~3 of the default run's 9 minutes.
     config.eval.num_tasks = 10_000
     config.eval.num_query = 100
     config.eval.seed = 1234
