@@ -220,10 +220,11 @@ def _multitask_step(loss_fn, tx):
         new = mf.MetaState(
             optax.apply_updates(state.meta_params, updates), opt_state, state.step + 1
         )
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {f"query_{k}": v for k, v in metrics.items()}
-        return new, {"loss": loss, **metrics, "finite": finite, "step": state.step}
+        return new, {"loss": loss, **metrics, "grad_norm": grad_norm, "step": state.step}
 
     return step
 
@@ -335,14 +336,16 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
 
 
 def _check_finite(metrics, method, mngr) -> None:
-    if not bool(metrics["finite"]):
+    try:
+        mf.check_finite(metrics)
+    except FloatingPointError:
         mngr.wait_until_finished()
         last = mngr.latest_step()
         raise FloatingPointError(
             f"{method}: non-finite loss or gradient at step {int(metrics['step'])} "
             f"(loss={float(metrics['loss'])}); stopped. The last good checkpoint "
             f"(step {last}) is kept in {mngr.directory}. Lower inner_lr / outer_lr."
-        )
+        ) from None
 
 
 def _tensorboard(workdir: str, method: str):
