@@ -102,6 +102,22 @@ def test_user_files_wordpiece_and_episodes(tmp_path):
     assert episode.support["tokens"].shape == (4, 12) and episode.query["mask"].dtype == bool
 
 
+def test_wordpiece_training_is_deterministic_and_decodes_words_whole():
+    # Random words over 8 letters: many equally frequent merges. tokenizers' own trainer broke
+    # those ties in hash-map order and gave 10 different vocabularies in 10 runs on this corpus.
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefgh"), rng.integers(2, 7))) for _ in range(300)]
+    texts = [" ".join(rng.choice(words, 6)) for _ in range(200)]
+    vocabs = [text_sources.train_wordpiece(texts, vocab_size=120).get_vocab() for _ in range(5)]
+    assert all(v == vocabs[0] for v in vocabs)
+    tok = text_sources.train_wordpiece(texts, vocab_size=120)
+    ids = tok("abcdefgh hgf")["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[0] == "[CLS]" and any(p.startswith("##") for p in pieces)
+    assert tok.decode(ids, skip_special_tokens=True) == "abcdefgh hgf"
+    assert set(tok.all_special_tokens) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+
+
 def test_fewrel_tatoeba_xquad_and_unlabeled_builders(cache):
     wiki = builders.data_source("fewrel", "wiki", source_dir=SHARED)
     assert len(wiki) == 16 * 700

@@ -108,14 +108,36 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, save_dir: str 
     """
     import tokenizers
     import transformers
-    from tokenizers import normalizers, pre_tokenizers, processors
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    def bert_style(model):
+        tok = tokenizers.Tokenizer(model)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        return tok
+
+    texts = list(texts)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    tok.train_from_iterator(texts, trainer)
+    trainer_tok = bert_style(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    # tokenizers' trainer gives the "##x" continuation pieces ids in hash-map order, and those
+    # ids break ties between equally frequent merges: the same texts gave vocabularies of
+    # 7517-7521 pieces from run to run (huggingface/tokenizers#1794). Naming every continuation
+    # piece up front, sorted, fixes their ids, and so the whole vocabulary.
+    normalize, split = trainer_tok.normalizer.normalize_str, trainer_tok.pre_tokenizer
+    inner = set()
+    for text in texts:
+        for word, _ in split.pre_tokenize_str(normalize(text)):
+            inner.update(word[1:])
+    continuation = ["##" + c for c in sorted(inner)]
+    trainer = tokenizers.trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials + continuation
+    )
+    trainer_tok.train_from_iterator(texts, trainer)
+    # The trained vocabulary in a fresh tokenizer, where only the five real specials are special.
+    vocab = trainer_tok.get_vocab(with_added_tokens=False)
+    tok = bert_style(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.WordPiece(prefix="##")  # decode joins "un ##fa ##th" into "unfath"
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
