@@ -238,8 +238,10 @@ def _tokenizer(config, fit_texts, tokenizer):
     return encode, tokenizer, len(tokenizer)
 
 
-def make_encoder(config, vocab_size: int):
-    """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``."""
+def make_encoder(config, vocab_size: int, fit_tokens: LabeledTokens | None = None):
+    """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``.
+    ``model.pool="mean+bow"`` weights its bag of tokens by their IDF in ``fit_tokens`` (the
+    meta-training text)."""
     if config.model.hf_path:
         pretrained = bert.from_pretrained(config.model.hf_path, seed=config.seed)
         apply_fn, params = mf.functionalize(pretrained.encoder)
@@ -258,14 +260,17 @@ def make_encoder(config, vocab_size: int):
         hidden = cfg.hidden_size
     if config.model.pool == "cls":  # BERT's pooler on the first token
         return (lambda p, tokens, mask: apply_fn(p, tokens, mask)), params, hidden
-    if config.model.pool != "mean":
-        raise ValueError(f"model.pool={config.model.pool!r}; valid: 'cls', 'mean'.")
+    # fewshot.check_config has checked model.pool: "mean", or "mean+bow" with fit_tokens
 
     def encode_fn(p, tokens, mask):  # mean of the final hidden states over real tokens
         seq, _ = apply_fn(p, tokens, mask)
         weights = mask.astype(seq.dtype)[..., None]
         return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
 
+    if config.model.pool == "mean+bow":
+        idf = heads.inverse_document_frequency(fit_tokens.tokens, fit_tokens.mask, vocab_size)
+        encode_fn, params = heads.with_bag_of_words(encode_fn, params, idf)
+        hidden += vocab_size
     return encode_fn, params, hidden
 
 
@@ -314,9 +319,13 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             train, ways=config.ways, shots=config.shots, queries=config.queries
         )
 
-    encode_fn, encoder_params, hidden = (
-        shared.encoder if shared else make_encoder(config, vocab_size)
-    )
+    if shared:
+        encode_fn, encoder_params, hidden = shared.encoder
+    else:
+        fit = train  # the text the IDF of model.pool="mean+bow" is counted on
+        if train is None and config.model.pool == "mean+bow":
+            fit = encode(unlabeled, [0] * len(unlabeled))
+        encode_fn, encoder_params, hidden = make_encoder(config, vocab_size, fit)
     loss_fn = heads.classification_loss_fn(encode_fn)
     ways = config.ways
     per_step = config.meta_batch_size * ways * (config.shots + config.queries)  # same examples

@@ -75,6 +75,13 @@ def check_config(config) -> None:
             f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)}); "
             f"drop them for {config.dataset!r}."
         )
+    if config.model.pool not in ("cls", "mean", "mean+bow"):
+        raise ValueError(f"model.pool={config.model.pool!r}; valid: 'cls', 'mean', 'mean+bow'.")
+    if config.model.pool == "mean+bow" and config.dataset not in CLASSIFICATION:
+        raise ValueError(
+            "model.pool='mean+bow' needs a single classification dataset (its IDF comes from "
+            "the meta-training text); use pool='mean' for QA, translation and mixed runs."
+        )
     if config.meta_train_on == "smlmt" and "multitask" in config.methods:
         raise ValueError(
             "'multitask' needs labeled meta-training classes (meta_train_on='classes')."

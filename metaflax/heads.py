@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 EncodeFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -34,6 +35,58 @@ def init_classifier(encoder_params: PyTree, hidden: int, ways: int) -> dict:
         "encoder": encoder_params,
         "head": {"kernel": jnp.zeros((hidden, ways)), "bias": jnp.zeros((ways,))},
     }
+
+
+def inverse_document_frequency(tokens, mask, vocab_size: int) -> np.ndarray:
+    """``log((n + 1) / (df + 1))`` per token id over the ``n`` rows of ``tokens`` ``[n, t]``
+    (``df``: the rows it occurs in, among the ``mask``-ed positions); ids never seen get the
+    largest value."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+    rows = np.broadcast_to(np.arange(len(tokens))[:, None], tokens.shape)
+    occurs = np.zeros((len(tokens), vocab_size), bool)
+    occurs[rows[mask], tokens[mask]] = True
+    return np.log((len(tokens) + 1) / (occurs.sum(0) + 1)).astype(np.float32)
+
+
+def _unit(x):
+    # x / |x| along the last axis, through rsqrt(|x|^2 + tiny): differentiable at 0, unlike a norm
+    return x * jax.lax.rsqrt(jnp.sum(x**2, -1, keepdims=True) + 1e-12)
+
+
+def with_bag_of_words(
+    encode_fn: EncodeFn, encoder_params: PyTree, idf: np.ndarray, scale: float = 4.0
+) -> tuple[EncodeFn, dict]:
+    """Adds a lexical part to the pooled vector: ``(encode_fn', {"encoder": ..., "bow": ...})``.
+
+    The new pooled vector is ``[unit(pooled), scale * unit(sum_t w(token_t))]`` (``unit``: divided
+    by its L2 norm): the encoder's vector, and a bag of token ids (a one-hot sum over the real
+    tokens, ``len(idf)`` wide) where each token counts with weight ``w = softplus(a * idf[token]
+    + b)``. ``a``, ``b`` and ``scale`` are learned. ``a = 0`` at the start, so every token weighs
+    1 and the lexical part alone, under a prototype head, is close to the bag-of-words nearest
+    centroid floor (Euclidean to the mean, not cosine to the normalised mean). Because the weight
+    is a function of a token's corpus statistics rather than of its identity, what meta-training
+    learns about it transfers to classes (and tokens) never seen in training: Bao et al. 2020's
+    "distributional signatures", reduced to one feature. Both parts have unit norm, so ``scale``
+    sets their balance; at 4 the lexical part dominates the distances at the start.
+    """
+    idf = jnp.asarray(idf)
+    vocab_size = idf.shape[0]
+
+    def encode(p, tokens, mask):
+        seq, pooled = encode_fn(p["encoder"], tokens, mask)
+        bow = p["bow"]
+        weights = jax.nn.softplus(bow["idf_slope"] * idf[tokens] + bow["bias"])
+        weights = jnp.where(mask, weights, 0).astype(pooled.dtype)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        bag = jnp.zeros((tokens.shape[0], vocab_size), pooled.dtype).at[rows, tokens].add(weights)
+        return seq, jnp.concatenate([_unit(pooled), bow["scale"] * _unit(bag)], -1)
+
+    bow = {
+        "idf_slope": jnp.zeros(()),
+        "bias": jnp.asarray(np.log(np.e - 1.0), jnp.float32),  # softplus(bias) = 1
+        "scale": jnp.asarray(scale, jnp.float32),
+    }
+    return encode, {"encoder": encoder_params, "bow": bow}
 
 
 def _cross_entropy(logits, labels, weights):

@@ -25,7 +25,10 @@ def _config(**overrides):
     config.languages.min_cldr_terms = 900  # fewer languages: faster to tokenize
     config.languages.num_test = 8
     for k, v in overrides.items():
-        config[k] = v
+        if isinstance(v, dict):
+            config[k].update(v)
+        else:
+            config[k] = v
     return config
 
 
@@ -194,6 +197,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         ({"shots": 5000}, r"fewer than shots\+queries=5005 examples .* lower shots"),
         ({"meta_batch_size": 3, "num_devices": 2}, r"meta_batch_size=3 must be divisible by"),
         ({"tokenizer": "bpe"}, r"tokenizer='bpe'; valid: 'char', 'wordpiece', 'hf'"),
+        ({"model": {"pool": "max"}}, r"model.pool='max'; valid: 'cls', 'mean', 'mean\+bow'"),
+        ({"dataset": "xquad", "methods": ("maml",), "model": {"pool": "mean+bow"}}, "single class"),
     ],
 )
 def test_bad_configs_name_the_fix(tmp_path, overrides, message):

@@ -29,7 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.layers = 2
     config.model.heads = 2
     config.model.mlp = 128
-    config.model.pool = "mean"  # sentence vector: "mean" of the final states | "cls" (pooler)
+    # sentence vector: "mean" of the final states | "cls" (pooler) | "mean+bow" (the mean and a
+    # bag of tokens weighted by a learned function of their IDF: heads.with_bag_of_words)
+    config.model.pool = "mean"
 
     config.methods = ("maml", "reptile", "multitask", "ngram_centroid")
     config.ways = 5
