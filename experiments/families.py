@@ -59,7 +59,8 @@ class Family(NamedTuple):
         meta-test tasks, the same episodes for every method.
       val_evaluate: the same on meta-validation classes (used to choose the baselines'
         test-time learning rate), or None where the family has none.
-      centroid_evaluate: ``(shots, cfg) -> {metric: [episodes]}`` of the no-learning floor
+      centroid_evaluate: ``(shots, cfg, weighted=False) -> {metric: [episodes]}`` of the
+        no-learning floor (``weighted``: tf-idf)
         (n-gram nearest centroid) on the same episodes; None where it does not apply.
       info: sizes, for the report.
     """
@@ -238,10 +239,9 @@ def _tokenizer(config, fit_texts, tokenizer):
     return encode, tokenizer, len(tokenizer)
 
 
-def make_encoder(config, vocab_size: int, fit_tokens: LabeledTokens | None = None):
+def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None):
     """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``.
-    ``model.pool="mean+bow"`` weights its bag of tokens by their IDF in ``fit_tokens`` (the
-    meta-training text)."""
+    ``model.pool="mean+bow"`` needs ``idf``, each token's IDF in the meta-training text."""
     if config.model.hf_path:
         pretrained = bert.from_pretrained(config.model.hf_path, seed=config.seed)
         apply_fn, params = mf.functionalize(pretrained.encoder)
@@ -260,7 +260,7 @@ def make_encoder(config, vocab_size: int, fit_tokens: LabeledTokens | None = Non
         hidden = cfg.hidden_size
     if config.model.pool == "cls":  # BERT's pooler on the first token
         return (lambda p, tokens, mask: apply_fn(p, tokens, mask)), params, hidden
-    # fewshot.check_config has checked model.pool: "mean", or "mean+bow" with fit_tokens
+    # fewshot.check_config has checked model.pool: "mean" or "mean+bow"
 
     def encode_fn(p, tokens, mask):  # mean of the final hidden states over real tokens
         seq, _ = apply_fn(p, tokens, mask)
@@ -268,7 +268,6 @@ def make_encoder(config, vocab_size: int, fit_tokens: LabeledTokens | None = Non
         return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
 
     if config.model.pool == "mean+bow":
-        idf = heads.inverse_document_frequency(fit_tokens.tokens, fit_tokens.mask, vocab_size)
         encode_fn, params = heads.with_bag_of_words(encode_fn, params, idf)
         hidden += vocab_size
     return encode_fn, params, hidden
@@ -319,13 +318,13 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             train, ways=config.ways, shots=config.shots, queries=config.queries
         )
 
-    if shared:
-        encode_fn, encoder_params, hidden = shared.encoder
-    else:
-        fit = train  # the text the IDF of model.pool="mean+bow" is counted on
-        if train is None and config.model.pool == "mean+bow":
-            fit = encode(unlabeled, [0] * len(unlabeled))
-        encode_fn, encoder_params, hidden = make_encoder(config, vocab_size, fit)
+    idf = None  # each token's IDF in the meta-training text: for mean+bow and idf_centroid
+    if not shared and (config.model.pool == "mean+bow" or "idf_centroid" in config.methods):
+        fit = train if train is not None else encode(unlabeled, [0] * len(unlabeled))
+        idf = heads.inverse_document_frequency(fit.tokens, fit.mask, vocab_size)
+    encode_fn, encoder_params, hidden = (
+        shared.encoder if shared else make_encoder(config, vocab_size, idf)
+    )
     loss_fn = heads.classification_loss_fn(encode_fn)
     ways = config.ways
     per_step = config.meta_batch_size * ways * (config.shots + config.queries)  # same examples
@@ -356,13 +355,14 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
 
         return evaluate
 
-    def centroid_evaluate(shots: int, cfg) -> dict:
+    def centroid_evaluate(shots: int, cfg, weighted: bool = False) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
         accs = []
         for _, eps in _test_chunks(test_sampler, shots, cfg):
             for e in range(eps.support["tokens"].shape[0]):
                 episode = jax.tree.map(lambda x, e=e: x[e], eps)
-                accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size))
+                weights = idf if weighted else None
+                accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size, weights))
         return {"accuracy": np.asarray(accs)[: cfg.eval.num_episodes]}
 
     return Family(
@@ -392,13 +392,14 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     )
 
 
-def ngram_centroid_accuracy(episode, n: int, vocab_size: int) -> float:
+def ngram_centroid_accuracy(episode, n: int, vocab_size: int, idf=None) -> float:
     """The no-learning floor: cosine nearest centroid of bag-of-n-gram (token id) counts, all
     orders 1..``n`` together.
 
     With a character vocabulary and ``n=3`` this is a character 1-3-gram classifier (BOS / EOS
-    mark word boundaries); with a word-piece vocabulary and ``n=1``, bag of words. Returns the
-    query accuracy.
+    mark word boundaries); with a word-piece vocabulary and ``n=1``, bag of words; with ``idf``
+    (``n=1`` only) each count is multiplied by its token's IDF (tf-idf). Returns the query
+    accuracy.
     """
     tokens = np.concatenate([episode.support["tokens"], episode.query["tokens"]]).astype(np.int64)
     mask = np.concatenate([episode.support["mask"], episode.query["mask"]]).astype(bool)
@@ -412,6 +413,8 @@ def ngram_centroid_accuracy(episode, n: int, vocab_size: int) -> float:
     uniq, col = np.unique(np.concatenate(all_codes), return_inverse=True)
     feats = np.zeros((len(tokens), len(uniq)))
     np.add.at(feats, (np.concatenate(all_rows), col), 1.0)
+    if idf is not None:  # n == 1: a code is its token id
+        feats *= np.asarray(idf)[uniq][None]
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-9)
     num_support, labels = len(episode.support["tokens"]), episode.support["label"]
     ways = int(labels.max()) + 1

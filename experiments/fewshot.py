@@ -48,7 +48,8 @@ from experiments.families import (
 from metaflax.data import text_sources
 
 META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
-BASELINES = ("multitask", "scratch", "ngram_centroid")
+BASELINES = ("multitask", "scratch", "ngram_centroid", "idf_centroid")
+CENTROIDS = ("ngram_centroid", "idf_centroid")  # no learning, no adaptation
 FINE_TUNED = ("protonet", "multitask", "scratch")  # adapted at test by plain SGD fine-tuning
 METHODS = META_METHODS + BASELINES
 
@@ -69,11 +70,16 @@ def check_config(config) -> None:
     if config.dataset not in (*DATASETS, "mixed"):
         valid = ", ".join((*DATASETS, "mixed"))
         raise ValueError(f"unknown dataset {config.dataset!r}; valid: {valid}.")
-    classifiers = {"protonet", "anil", "ngram_centroid"} & set(config.methods)
+    classifiers = {"protonet", "anil", *CENTROIDS} & set(config.methods)
     if config.dataset not in CLASSIFICATION and classifiers:  # mixed runs too
         raise ValueError(
             f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)}); "
             f"drop them for {config.dataset!r}."
+        )
+    if "idf_centroid" in config.methods and config.ngram != 1:
+        raise ValueError(
+            f"idf_centroid weights single tokens: it needs ngram=1, not {config.ngram} "
+            "(word-piece datasets); drop it or use ngram_centroid."
         )
     if config.model.pool not in ("cls", "mean", "mean+bow"):
         raise ValueError(f"model.pool={config.model.pool!r}; valid: 'cls', 'mean', 'mean+bow'.")
@@ -253,7 +259,7 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
     test-time adaptation; ``scratch`` returns the initial parameters untrained.
     """
     names = list(families)
-    if method in ("scratch", "ngram_centroid"):  # nothing to train
+    if method in ("scratch", *CENTROIDS):  # nothing to train
         return merged_params(families), [], 0.0
     steps, batches = {}, {}
     if method == "multitask":
@@ -420,8 +426,8 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
         params = family.to_task_params(params)
     out = {}
     for shots in cfg.eval.shots:
-        if method == "ngram_centroid":  # no learning, no adaptation: the same at every step
-            scores = family.centroid_evaluate(shots, cfg)
+        if method in CENTROIDS:  # no learning, no adaptation: the same at every step
+            scores = family.centroid_evaluate(shots, cfg, weighted=method == "idf_centroid")
             scores = {m: np.repeat(v[:, None], len(cfg.eval.steps), 1) for m, v in scores.items()}
         else:
             lr = None

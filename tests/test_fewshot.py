@@ -199,6 +199,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         ({"tokenizer": "bpe"}, r"tokenizer='bpe'; valid: 'char', 'wordpiece', 'hf'"),
         ({"model": {"pool": "max"}}, r"model.pool='max'; valid: 'cls', 'mean', 'mean\+bow'"),
         ({"dataset": "xquad", "methods": ("maml",), "model": {"pool": "mean+bow"}}, "single class"),
+        ({"methods": ("idf_centroid",)}, r"idf_centroid weights single tokens: it needs ngram=1"),
     ],
 )
 def test_bad_configs_name_the_fix(tmp_path, overrides, message):
@@ -239,7 +240,8 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
 
 
 def test_ngram_centroid_matches_a_direct_implementation():
-    """The floor on token ids equals character 1-3-gram cosine nearest centroid on the strings."""
+    """The floor on token ids equals character 1-3-gram cosine nearest centroid on the strings,
+    and its tf-idf form (idf_centroid) the same on IDF-weighted unigram counts."""
     import collections
 
     from experiments import families
@@ -251,39 +253,46 @@ def test_ngram_centroid_matches_a_direct_implementation():
     vocab = CharVocab.build(texts)
     data = families._char_tokens(vocab, texts, [names[i] for i in labels], 40)
     sampler = episode_sampler(data, ways=5, shots=3, queries=4)
+    idf = np.random.default_rng(0).uniform(0.5, 3.0, len(vocab))
 
-    def grams(ids):
+    def grams(ids, n, weights):
         s = [int(t) for t in ids if t != 0]
-        return collections.Counter(
-            tuple(s[i : i + m]) for m in (1, 2, 3) for i in range(len(s) - m + 1)
+        counts = collections.Counter(
+            tuple(s[i : i + m]) for m in range(1, n + 1) for i in range(len(s) - m + 1)
         )
+        return {k: v * (1.0 if weights is None else weights[k[0]]) for k, v in counts.items()}
 
     def unit(c):
         n = np.sqrt(sum(v * v for v in c.values()))
         return {k: v / n for k, v in c.items()}
 
-    for index in range(5):
-        ep = sampler.episode(0, index)
-        cents = []
-        for c in range(5):
-            total = collections.Counter()
-            rows = [
-                unit(grams(t))
-                for t, y in zip(ep.support["tokens"], ep.support["label"], strict=True)
-                if y == c
+    for n, weights in ((3, None), (1, idf)):
+        for index in range(5):
+            ep = sampler.episode(0, index)
+            cents = []
+            for c in range(5):
+                total = collections.Counter()
+                rows = [
+                    unit(grams(t, n, weights))
+                    for t, y in zip(ep.support["tokens"], ep.support["label"], strict=True)
+                    if y == c
+                ]
+                for r in rows:
+                    for k, v in r.items():
+                        total[k] += v / len(rows)
+                cents.append(unit(total))
+            pred = [
+                np.argmax(
+                    [
+                        sum(v * cent.get(k, 0.0) for k, v in unit(grams(t, n, weights)).items())
+                        for cent in cents
+                    ]
+                )
+                for t in ep.query["tokens"]
             ]
-            for r in rows:
-                for k, v in r.items():
-                    total[k] += v / len(rows)
-            cents.append(unit(total))
-        pred = [
-            np.argmax(
-                [sum(v * cent.get(k, 0.0) for k, v in unit(grams(t)).items()) for cent in cents]
-            )
-            for t in ep.query["tokens"]
-        ]
-        expected = float(np.mean(np.asarray(pred) == ep.query["label"]))
-        assert families.ngram_centroid_accuracy(ep, 3, len(vocab)) == pytest.approx(expected)
+            expected = float(np.mean(np.asarray(pred) == ep.query["label"]))
+            got = families.ngram_centroid_accuracy(ep, n, len(vocab), weights)
+            assert got == pytest.approx(expected)
 
 
 def test_hf_initialised_encoder(tmp_path):
