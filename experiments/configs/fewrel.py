@@ -20,5 +20,7 @@ def get_config(arg: str | None = None):
     config.dataset = "fewrel"
     config.tokenizer = "wordpiece"
     config.ngram = 1
+    config.model.pool = "mean+bow"  # "mean" alone loses to the bag-of-words floor (README)
+    config.methods = ("maml", "reptile", "multitask", "scratch", "ngram_centroid", "idf_centroid")
     config.max_len = 64
     return common.parse(arg, config)
