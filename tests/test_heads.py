@@ -67,17 +67,22 @@ def test_proto_head_is_the_nearest_prototype_classifier():
         heads.classifier_task_init(encode, "protos", 3)
 
 
-def test_proto_maml_meta_gradient_reaches_the_encoder_through_the_head_init():
-    encode, enc = _encoder()
-    loss_fn = heads.classification_loss_fn(encode)
+def _proto_maml(encode):
+    """One-step Proto-MAML on ``encode`` and a meta-batch of two 3-way episodes."""
     alg = mf.maml(
-        loss_fn,
+        heads.classification_loss_fn(encode),
         inner_tx=optax.sgd(0.1),
         outer_tx=optax.sgd(0.1),
         num_inner_steps=1,
         task_init=heads.classifier_task_init(encode, "proto", 3),
     )
     episodes = mf.Episode(*(jax.tree.map(lambda x: x[None], _batch(seed=s)) for s in (0, 1)))
+    return alg, episodes
+
+
+def test_proto_maml_meta_gradient_reaches_the_encoder_through_the_head_init():
+    encode, enc = _encoder()
+    alg, episodes = _proto_maml(encode)
     grads = jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0])(
         heads.init_classifier(enc, 32, 3)
     )
@@ -124,15 +129,7 @@ def test_bag_of_words_part_is_the_idf_weighted_normalised_token_count(x64):
 
     # Proto-MAML through it: second-order meta-gradients w.r.t. the weighting match finite
     # differences, also with an empty support row.
-    loss_fn = heads.classification_loss_fn(bow_encode)
-    alg = mf.maml(
-        loss_fn,
-        inner_tx=optax.sgd(0.1),
-        outer_tx=optax.sgd(0.1),
-        num_inner_steps=1,
-        task_init=heads.classifier_task_init(bow_encode, "proto", 3),
-    )
-    episodes = mf.Episode(*(jax.tree.map(lambda x: x[None], _batch(seed=s)) for s in (0, 1)))
+    alg, episodes = _proto_maml(bow_encode)
     episodes = episodes._replace(support={**episodes.support, "mask": mask[None]})
     full = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), heads.init_classifier(moved, 96, 3))
 
