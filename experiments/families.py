@@ -60,8 +60,8 @@ class Family(NamedTuple):
       val_evaluate: the same on meta-validation classes (used to choose the baselines'
         test-time learning rate), or None where the family has none.
       centroid_evaluate: ``(shots, cfg, weighted=False) -> {metric: [episodes]}`` of the
-        no-learning floor (``weighted``: tf-idf)
-        (n-gram nearest centroid) on the same episodes; None where it does not apply.
+        no-learning floor (n-gram nearest centroid; ``weighted``: tf-idf) on the same episodes;
+        None where it does not apply.
       info: sizes, for the report.
     """
 
@@ -357,11 +357,11 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
 
     def centroid_evaluate(shots: int, cfg, weighted: bool = False) -> dict:
         test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
+        weights = idf if weighted else None
         accs = []
         for _, eps in _test_chunks(test_sampler, shots, cfg):
             for e in range(eps.support["tokens"].shape[0]):
                 episode = jax.tree.map(lambda x, e=e: x[e], eps)
-                weights = idf if weighted else None
                 accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size, weights))
         return {"accuracy": np.asarray(accs)[: cfg.eval.num_episodes]}
 
