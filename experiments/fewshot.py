@@ -45,6 +45,7 @@ from experiments.families import (
     make_family,
     mixed_families,
 )
+from metaflax.algorithms import guarded_update
 from metaflax.data import text_sources
 
 META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
@@ -224,20 +225,14 @@ def restore_latest(directory: str, abstract_state, keep: int):
 
 def _multitask_step(loss_fn, tx):
     """One plain (non-meta) training step on pooled examples, NaN-guarded like ``alg.step``."""
+    update = guarded_update(tx)
 
     def step(state, batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.meta_params, batch, key
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.meta_params)
-        new = mf.MetaState(
-            optax.apply_updates(state.meta_params, updates), opt_state, state.step + 1
-        )
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {f"query_{k}": v for k, v in metrics.items()}
-        return new, {"loss": loss, **metrics, "grad_norm": grad_norm, "step": state.step}
+        metrics = {"loss": loss, **{f"query_{k}": v for k, v in metrics.items()}}
+        return update(state, grads, metrics)
 
     return step
 

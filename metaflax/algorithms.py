@@ -69,13 +69,11 @@ class MetaAlgorithm(NamedTuple):
     adapt: Callable[..., tuple[PyTree, jax.Array]]
 
 
-def _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt) -> MetaAlgorithm:
-    """Builds the MetaAlgorithm shared by every factory around its own meta_grad."""
-
-    def init(params):
-        # Copy, so donating the state to a jitted step never deletes the caller's params.
-        meta_params = init_meta(jax.tree.map(jnp.array, params))
-        return MetaState(meta_params, outer_tx.init(meta_params), jnp.zeros((), jnp.int32))
+def guarded_update(outer_tx: optax.GradientTransformation) -> Callable:
+    """``update(state, grads, metrics) -> (state, metrics)``: one ``outer_tx`` step on a
+    :class:`MetaState`, or the state unchanged where the loss or the gradient is not finite.
+    Adds ``grad_norm`` and ``step`` to the metrics (what :func:`check_finite` reads). Every
+    algorithm's ``outer_update``; also usable for plain (non-meta) training steps."""
 
     def outer_update(state, grads, metrics):
         updates, opt_state = outer_tx.update(grads, state.opt_state, state.meta_params)
@@ -87,6 +85,18 @@ def _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt) -> MetaAlgorithm
         # No separate "finite" output: check_finite derives it from loss and grad_norm, and every
         # extra output costs the step a host-side array (~8% of a sinusoid Reptile step).
         return new, {**metrics, "grad_norm": grad_norm, "step": state.step}
+
+    return outer_update
+
+
+def _assemble(init_meta, outer_tx, meta_loss, meta_grad, adapt) -> MetaAlgorithm:
+    """Builds the MetaAlgorithm shared by every factory around its own meta_grad."""
+    outer_update = guarded_update(outer_tx)
+
+    def init(params):
+        # Copy, so donating the state to a jitted step never deletes the caller's params.
+        meta_params = init_meta(jax.tree.map(jnp.array, params))
+        return MetaState(meta_params, outer_tx.init(meta_params), jnp.zeros((), jnp.int32))
 
     def step(state, episodes, key):
         grads, metrics = meta_grad(state.meta_params, episodes, key)
