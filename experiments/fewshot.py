@@ -326,7 +326,7 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
                 writer.add_scalar(f"train/{unit}_per_second", rate, step)
                 bar.set_postfix_str(
                     f"loss={loss:.3f} query {families[names[0]].train_metric}="
-                    f"{curve[-1][2]:.3f} {unit}/s={rate:.0f}",
+                    f"{curve[-1][2]:.3f} {unit}/s={rate:.1f}",
                     refresh=False,
                 )
                 bar.update(step - bar.n)
