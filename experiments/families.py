@@ -241,7 +241,8 @@ def _tokenizer(config, fit_texts, tokenizer):
 
 def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None):
     """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``.
-    ``model.pool="mean+bow"`` needs ``idf``, each token's IDF in the meta-training text."""
+    ``model.pool="mean+bow"`` needs ``idf``, the IDF in the meta-training text of each token
+    (``ngram=1``) or n-gram bucket (:func:`bag_width` wide)."""
     if config.model.hf_path:
         pretrained = bert.from_pretrained(config.model.hf_path, seed=config.seed)
         apply_fn, params = mf.functionalize(pretrained.encoder)
@@ -268,9 +269,16 @@ def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None):
         return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
 
     if config.model.pool == "mean+bow":
-        encode_fn, params = heads.with_bag_of_words(encode_fn, params, idf)
-        hidden += vocab_size
+        encode_fn, params = heads.with_bag_of_words(
+            encode_fn, params, idf, config.ngram, config.model.bow_scale
+        )
+        hidden += len(idf)
     return encode_fn, params, hidden
+
+
+def bag_width(config, vocab_size: int) -> int:
+    """The width of ``mean+bow``'s bag: the vocabulary (``ngram=1``) or ``model.bow_buckets``."""
+    return vocab_size if config.ngram == 1 else config.model.bow_buckets
 
 
 def classification_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
@@ -318,10 +326,12 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             train, ways=config.ways, shots=config.shots, queries=config.queries
         )
 
-    idf = None  # each token's IDF in the meta-training text: for mean+bow and idf_centroid
+    idf = None  # each token's (n-gram's) IDF in the meta-training text: mean+bow, idf_centroid
     if not shared and (config.model.pool == "mean+bow" or "idf_centroid" in config.methods):
         fit = train if train is not None else encode(unlabeled, [0] * len(unlabeled))
-        idf = heads.inverse_document_frequency(fit.tokens, fit.mask, vocab_size)
+        width = bag_width(config, vocab_size)
+        codes, valid = heads.ngram_codes(fit.tokens, fit.mask, config.ngram, width)
+        idf = heads.inverse_document_frequency(codes, valid, width)
     encode_fn, encoder_params, hidden = (
         shared.encoder if shared else make_encoder(config, vocab_size, idf)
     )

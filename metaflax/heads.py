@@ -43,9 +43,37 @@ def inverse_document_frequency(tokens, mask, vocab_size: int) -> np.ndarray:
     largest value."""
     tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
     rows = np.broadcast_to(np.arange(len(tokens))[:, None], tokens.shape)
-    occurs = np.zeros((len(tokens), vocab_size), bool)
-    occurs[rows[mask], tokens[mask]] = True
-    return np.log((len(tokens) + 1) / (occurs.sum(0) + 1)).astype(np.float32)
+    pairs = np.unique(rows[mask].astype(np.int64) * vocab_size + tokens[mask])  # (row, id) once
+    df = np.bincount(pairs % vocab_size, minlength=vocab_size)
+    return np.log((len(tokens) + 1) / (df + 1)).astype(np.float32)
+
+
+def ngram_codes(tokens, mask, n: int = 1, buckets: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The n-grams of orders ``1..n`` of ``tokens`` ``[b, t]`` as bag indices: ``(codes [b, m],
+    valid [b, m])``, ``valid`` where all of an n-gram's positions are in ``mask``.
+
+    ``n=1``: the token ids themselves. ``n>1``: each n-gram's 32-bit FNV-1a hash (over its
+    order and its ids) modulo ``buckets``, so the bag has a fixed width whatever the vocabulary
+    (character n-grams of languages never seen in training included); two n-grams share a bucket
+    with probability ``1 / buckets``.
+    """
+    if n == 1:
+        return jnp.asarray(tokens), jnp.asarray(mask, bool)
+    if buckets < 1:
+        raise ValueError(f"n={n} hashes n-grams into buckets: pass buckets >= 1, not {buckets}.")
+    tokens, mask = jnp.asarray(tokens).astype(jnp.uint32), jnp.asarray(mask, bool)
+    prime = jnp.uint32(16777619)
+    codes, valid = [], []
+    for order in range(1, n + 1):
+        length = tokens.shape[1] - order + 1
+        h = jnp.full((tokens.shape[0], length), 2166136261 ^ order, jnp.uint32)
+        ok = jnp.ones((tokens.shape[0], length), bool)
+        for i in range(order):  # uint32 products wrap around: the hash, not an overflow
+            h = (h ^ tokens[:, i : i + length]) * prime
+            ok = ok & mask[:, i : i + length]
+        codes.append((h % jnp.uint32(buckets)).astype(jnp.int32))
+        valid.append(ok)
+    return jnp.concatenate(codes, 1), jnp.concatenate(valid, 1)
 
 
 def _unit(x):
@@ -54,31 +82,35 @@ def _unit(x):
 
 
 def with_bag_of_words(
-    encode_fn: EncodeFn, encoder_params: PyTree, idf: np.ndarray, scale: float = 4.0
+    encode_fn: EncodeFn, encoder_params: PyTree, idf: np.ndarray, ngram: int = 1, scale: float = 4.0
 ) -> tuple[EncodeFn, dict]:
     """Adds a lexical part to the pooled vector: ``(encode_fn', {"encoder": ..., "bow": ...})``.
 
     The new pooled vector is ``[unit(pooled), scale * unit(sum_t w(token_t))]`` (``unit``: divided
     by its L2 norm): the encoder's vector, and a bag of token ids (a one-hot sum over the real
     tokens, ``len(idf)`` wide) where each token counts with weight ``w = softplus(a * idf[token]
-    + b)``. ``a``, ``b`` and ``scale`` are learned. ``a = 0`` at the start, so every token weighs
-    1 and the lexical part alone, under a prototype head, is close to the bag-of-words nearest
-    centroid floor (Euclidean to the mean, not cosine to the normalised mean). Because the weight
-    is a function of a token's corpus statistics rather than of its identity, what meta-training
-    learns about it transfers to classes (and tokens) never seen in training: Bao et al. 2020's
-    "distributional signatures", reduced to one feature. Both parts have unit norm, so ``scale``
-    sets their balance; at 4 the lexical part dominates the distances at the start.
+    + b)``. With ``ngram > 1`` the bag holds the n-grams of orders ``1..ngram`` instead, hashed
+    into ``len(idf)`` buckets (:func:`ngram_codes`; ``idf`` then per bucket): for character
+    tokens, the features of a character n-gram language identifier. ``a``, ``b`` and ``scale``
+    are learned. ``a = 0`` at the start, so every token weighs 1 and the lexical part alone,
+    under a prototype head, is close to the bag-of-words nearest centroid floor (Euclidean to the
+    mean, not cosine to the normalised mean). Because the weight is a function of a token's
+    corpus statistics rather than of its identity, what meta-training learns about it transfers
+    to classes (and tokens) never seen in training: Bao et al. 2020's "distributional
+    signatures", reduced to one feature. Both parts have unit norm, so ``scale`` (its initial
+    value) sets their balance; at 4 the lexical part dominates the distances at the start.
     """
     idf = jnp.asarray(idf)
-    vocab_size = idf.shape[0]
+    width = idf.shape[0]
 
     def encode(p, tokens, mask):
         seq, pooled = encode_fn(p["encoder"], tokens, mask)
         bow = p["bow"]
-        weights = jax.nn.softplus(bow["idf_slope"] * idf[tokens] + bow["bias"])
-        weights = jnp.where(mask, weights, 0).astype(pooled.dtype)
+        codes, valid = ngram_codes(tokens, mask, ngram, width)
+        weights = jax.nn.softplus(bow["idf_slope"] * idf[codes] + bow["bias"])
+        weights = jnp.where(valid, weights, 0).astype(pooled.dtype)
         rows = jnp.arange(tokens.shape[0])[:, None]
-        bag = jnp.zeros((tokens.shape[0], vocab_size), pooled.dtype).at[rows, tokens].add(weights)
+        bag = jnp.zeros((tokens.shape[0], width), pooled.dtype).at[rows, codes].add(weights)
         return seq, jnp.concatenate([_unit(pooled), bow["scale"] * _unit(bag)], -1)
 
     bow = {

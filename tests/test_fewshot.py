@@ -313,7 +313,7 @@ def test_hf_initialised_encoder(tmp_path):
     families = {
         "cldr": fewshot.make_family(config, text_sources.load_tokenizer(config.model.hf_path))
     }
-    start = fewshot.merged_params(families)["encoder"]
+    start = fewshot.merged_params(families)["encoder"]["encoder"]  # mean+bow: BERT and "bow"
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)  # the saved weights, not a fresh init
     results = fewshot.train_and_evaluate(config, str(tmp_path / "run"))

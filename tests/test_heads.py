@@ -1,5 +1,7 @@
 """Task heads and the seq2seq model: closed forms and overfitting oracles."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -140,6 +142,32 @@ def test_bag_of_words_part_is_the_idf_weighted_normalised_token_count(x64):
     bow = full["encoder"]["bow"]
     jax.test_util.check_grads(f, (bow,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
     assert all(float(g) != 0 for g in jax.tree.leaves(jax.grad(f)(bow)))
+
+
+def test_hashed_ngram_bag_has_the_exact_ngram_counts_geometry():
+    # Two rows' bags of hashed character 1-3-grams (no collisions among this handful of n-grams
+    # in 2**20 buckets) have the same Gram matrix as their exact n-gram count vectors.
+    tokens = np.array([[1, 5, 5, 5, 2, 0], [1, 5, 7, 5, 5, 2], [1, 9, 2, 0, 0, 0]])
+    mask = tokens > 0
+    codes, valid = heads.ngram_codes(tokens, mask, 3, 2**20)
+    counts = []
+    for row in tokens:
+        real = [int(t) for t in row if t > 0]
+        grams = [tuple(real[i : i + m]) for m in (1, 2, 3) for i in range(len(real) - m + 1)]
+        counts.append(collections.Counter(grams))
+    assert np.asarray(valid).sum(1).tolist() == [sum(c.values()) for c in counts]
+    distinct = {int(c) for c in np.asarray(codes)[np.asarray(valid)]}
+    assert len(distinct) == len(sum(counts, collections.Counter()))  # no collisions
+    exact = np.array([[sum(a[g] * b[g] for g in a) for b in counts] for a in counts], float)
+    norms = np.sqrt(np.diag(exact))
+    encode, enc = _encoder()
+    idf = np.zeros(2**20, np.float32)
+    bow_encode, params = heads.with_bag_of_words(encode, enc, idf, ngram=3, scale=1.0)
+    _, pooled = bow_encode(params, jnp.asarray(tokens), jnp.asarray(mask))
+    bag = np.asarray(pooled[:, 32:], np.float64)
+    np.testing.assert_allclose(bag @ bag.T, exact / np.outer(norms, norms), rtol=1e-5)
+    with pytest.raises(ValueError, match="buckets >= 1"):
+        heads.ngram_codes(tokens, mask, 3)
 
 
 def test_span_head_overfits_one_example():

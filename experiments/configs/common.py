@@ -20,7 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.meta_train_on = "classes"  # "classes" (labeled) | "smlmt" (unlabeled text)
     config.tokenizer = "char"  # "char" | "wordpiece" | "hf" (model.hf_path's tokenizer)
     config.wordpiece_vocab = 8000
-    config.ngram = 3  # the ngram_centroid floor: 3 = character 1-3-grams; 1 = bag of word pieces
+    # n-gram orders of the ngram_centroid floor and of mean+bow's bag: 3 = character 1-3-grams
+    # (hashed into model.bow_buckets for the bag); 1 = bag of word pieces
+    config.ngram = 3
     config.max_len = 24
 
     config.model = ml_collections.ConfigDict()
@@ -30,8 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.heads = 2
     config.model.mlp = 128
     # sentence vector: "mean" of the final states | "cls" (pooler) | "mean+bow" (the mean and a
-    # bag of tokens weighted by a learned function of their IDF: heads.with_bag_of_words)
+    # bag of tokens, or of n-grams, weighted by a learned function of their IDF:
+    # heads.with_bag_of_words)
     config.model.pool = "mean"
+    config.model.bow_scale = 4.0  # mean+bow: the bag's initial weight against the mean (learned)
+    config.model.bow_buckets = 2**12  # mean+bow with ngram > 1: the hashed bag's width
 
     config.methods = ("maml", "reptile", "multitask", "ngram_centroid")
     config.ways = 5
