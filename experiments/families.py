@@ -14,6 +14,7 @@ kind of task, with meta-train and meta-test tasks disjoint by class or language:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -118,15 +119,21 @@ def _test_chunks(sampler, shots: int, cfg):
         yield i, sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
 
 
-def _evaluate_chunks(one: Callable, params, sampler, shots: int, cfg):
-    """``(episodes, outputs)`` per chunk of :func:`_test_chunks`: ``one(params, episode, key)``
-    jitted and mapped over the chunk's episodes (``eval.batch`` in parallel), on the host."""
+def _chunk_program(one: Callable, batch: int) -> Callable:
+    """``run(params, episodes, key)``: ``one(params, episode, key)`` jitted and mapped over a
+    chunk of episodes, ``batch`` of them in parallel."""
 
     @jax.jit
     def run(params, episodes, key):
         keys = jax.random.split(key, jax.tree.leaves(episodes)[0].shape[0])
-        return jax.lax.map(lambda x: one(params, *x), (episodes, keys), batch_size=cfg.eval.batch)
+        return jax.lax.map(lambda x: one(params, *x), (episodes, keys), batch_size=batch)
 
+    return run
+
+
+def _evaluate_chunks(run: Callable, params, sampler, shots: int, cfg):
+    """``(episodes, outputs)`` of :func:`_chunk_program` ``run`` per chunk of
+    :func:`_test_chunks`, on the host."""
     for i, episodes in _test_chunks(sampler, shots, cfg):
         yield episodes, jax.device_get(run(params, episodes, jax.random.key(cfg.eval.seed + i)))
 
@@ -346,21 +353,27 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     def to_task_params(params):  # the pretraining head is replaced by a ways-sized one
         return {**params, "head": heads.init_classifier(None, hidden, ways)["head"]}
 
+    @functools.cache
+    def accuracy_program(adapt: TestAdapt, steps: tuple, batch: int) -> Callable:
+        """The query accuracy after each of ``steps`` adaptation steps, compiled once per
+        ``adapt``: the validation and test classes, every shots setting and the fine-tuned
+        methods (one ``adapt``, see :func:`fine_tune_adapt`) share it."""
+
+        def one(params, episode, k):
+            return jnp.stack(
+                [
+                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]["accuracy"]
+                    for n in steps
+                ]
+            )
+
+        return _chunk_program(one, batch)
+
     def evaluate_on(tokens: LabeledTokens):
         def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
             sampler = episode_sampler(tokens, ways=ways, shots=shots, queries=cfg.eval.queries)
-
-            def one(params, episode, k):
-                return jnp.stack(
-                    [
-                        loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1][
-                            "accuracy"
-                        ]
-                        for n in steps
-                    ]
-                )
-
-            out = [o for _, o in _evaluate_chunks(one, params, sampler, shots, cfg)]
+            run = accuracy_program(adapt, tuple(steps), cfg.eval.batch)
+            out = [o for _, o in _evaluate_chunks(run, params, sampler, shots, cfg)]
             return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
 
         return evaluate
@@ -579,7 +592,8 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             )
 
         scores = {"chrf": [], "bleu": []}
-        for eps, decoded in _evaluate_chunks(one, params, test_sampler, shots, cfg):
+        run = _chunk_program(one, cfg.eval.batch)
+        for eps, decoded in _evaluate_chunks(run, params, test_sampler, shots, cfg):
             for e in range(decoded.shape[0]):  # [episodes, steps, queries, len]
                 refs = [decode(t) for t in eps.query["tgt"][e]]
                 per_steps = [
@@ -613,10 +627,14 @@ def translation_family(config, shared: Shared | None = None) -> Family:
     )
 
 
-def fine_tune_adapt(loss_fn, lr: float, task_init) -> TestAdapt:
-    """The baselines' test-time adaptation: ``task_init`` then SGD steps on the support set."""
+@functools.lru_cache(maxsize=64)  # one function per family, so its evaluation compiles once
+def fine_tune_adapt(loss_fn, task_init) -> TestAdapt:
+    """The baselines' test-time adaptation of ``(params, lr)``: ``task_init`` then SGD steps at
+    ``lr`` on the support set. ``lr`` is an input of the compiled evaluation, not a constant in
+    it: one program serves every learning rate of the grid and every fine-tuned method."""
 
-    def adapt(params, support, key, num_steps):
+    def adapt(params_lr, support, key, num_steps):
+        params, lr = params_lr
         if num_steps == 0:
             return params if task_init is None else task_init(params, support)
         fn = mf.make_adapt_fn(loss_fn, optax.sgd(lr), num_steps, task_init=task_init)
@@ -703,7 +721,8 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
             ]
             return {m: jnp.stack([o[m] for o in out]) for m in ("f1", "exact_match")}
 
-        out = [o for _, o in _evaluate_chunks(one, params, test_sampler, shots, cfg)]
+        run = _chunk_program(one, cfg.eval.batch)
+        out = [o for _, o in _evaluate_chunks(run, params, test_sampler, shots, cfg)]
         return {
             m: np.concatenate([o[m] for o in out])[: cfg.eval.num_episodes]
             for m in ("f1", "exact_match")

@@ -380,8 +380,8 @@ def select_test_lr(params, shots: int, cfg, family: Family) -> float:
         float(
             np.mean(
                 family.val_evaluate(
-                    fine_tune_adapt(family.loss_fn, lr, family.baseline_init),
-                    params,
+                    fine_tune_adapt(family.loss_fn, family.baseline_init),
+                    (params, jnp.float32(lr)),
                     shots,
                     (cfg.eval.report_steps,),
                     val_cfg,
@@ -393,15 +393,16 @@ def select_test_lr(params, shots: int, cfg, family: Family) -> float:
     return cfg.eval.lr_grid[int(np.argmax(means))]
 
 
-def make_test_adapt(method: str, cfg, family: Family, lr: float | None = None):
+def make_test_adapt(method: str, cfg, family: Family):
     """``adapt(params, support, key, num_steps) -> params`` as each method adapts at test time.
 
     Meta-learned methods use their own adaptation (learned inner LRs, ANIL's head-only updates);
-    ProtoNet and the baselines fine-tune everything with SGD at ``lr`` (from the prototype head,
-    for classification; see :func:`select_test_lr`). ``num_steps=0`` is no gradient step at all.
+    ProtoNet and the baselines fine-tune everything with SGD (from the prototype head, for
+    classification), and their ``params`` are ``(params, lr)`` (see :func:`select_test_lr`).
+    ``num_steps=0`` is no gradient step at all.
     """
     if method in FINE_TUNED:
-        return fine_tune_adapt(family.loss_fn, lr, family.baseline_init)
+        return fine_tune_adapt(family.loss_fn, family.baseline_init)
     alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
 
     def adapt(params, support, key, num_steps):
@@ -425,11 +426,12 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
             scores = family.centroid_evaluate(shots, cfg, weighted=method == "idf_centroid")
             scores = {m: np.repeat(v[:, None], len(cfg.eval.steps), 1) for m, v in scores.items()}
         else:
-            lr = None
+            inputs = params
             if method in FINE_TUNED:
                 lr = out[f"{shots}-shot/lr"] = select_test_lr(params, shots, cfg, family)
-            adapt = make_test_adapt(method, cfg, family, lr)
-            scores = family.evaluate(adapt, params, shots, tuple(cfg.eval.steps), cfg)
+                inputs = (params, jnp.float32(lr))
+            adapt = make_test_adapt(method, cfg, family)
+            scores = family.evaluate(adapt, inputs, shots, tuple(cfg.eval.steps), cfg)
         for j, n in enumerate(cfg.eval.steps):
             out[f"{shots}-shot/{n}-step"] = {
                 m: dict(zip(("mean", "ci95"), mf.mean_ci95(v[:, j]), strict=True))

@@ -15,6 +15,7 @@ def test_sinusoid_train_and_evaluate(tmp_path):
     config = get_config("runlocal")
     config.algorithms = ("maml", "lslr")
     config.num_steps = 200
+    config.eval.shots = (10,)  # each (shots, steps) evaluation compiles its own program
     results = sinusoid.train_and_evaluate(config, str(tmp_path))
 
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -119,12 +119,20 @@ def _cli(workdir, *flags_):
         "--config.languages.num_test=8",
         "--config.num_steps=40",
         "--config.checkpoint_every=10",
+        "--config.eval.shots=(5,)",
         *flags_,
     ]
 
 
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The three runs share a persistent compilation cache, written by the first (so the killed
+    # run only reads it): the later ones execute the first one's programs without compiling.
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     env.pop("XLA_FLAGS", None)
     full = tmp_path / "full"
     subprocess.run(_cli(full), cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
@@ -223,6 +231,7 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
     config.eval.num_episodes = config.eval.chunk = config.eval.batch = 4
     config.eval.steps = (0, 1)
     families = fewshot.mixed_families(config)
+    monkeypatch.setattr(fewshot, "mixed_families", lambda _: families)  # built once: slow to make
     params = fewshot.merged_params(families)
     assert set(params) == {"encoder", "head", "span", "decoder"}
     # Each family's meta-gradient reaches the shared encoder.
@@ -308,7 +317,7 @@ def test_hf_initialised_encoder(tmp_path):
     _, params = mf.functionalize(bert.BertEncoder(cfg, rngs=nnx.Rngs(3)))
     bert.save_pretrained(str(tmp_path / "bert"), params, cfg, tokenizer)
 
-    config = _config(methods=("maml", "scratch"), tokenizer="hf")
+    config = _config(methods=("maml", "scratch"), tokenizer="hf", num_steps=5, eval={"shots": (5,)})
     config.model.hf_path = str(tmp_path / "bert")
     families = {
         "cldr": fewshot.make_family(config, text_sources.load_tokenizer(config.model.hf_path))

@@ -85,7 +85,7 @@ def _proto_maml(encode):
 def test_proto_maml_meta_gradient_reaches_the_encoder_through_the_head_init():
     encode, enc = _encoder()
     alg, episodes = _proto_maml(encode)
-    grads = jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0])(
+    grads = jax.jit(jax.grad(lambda p: alg.meta_loss(p, episodes, jax.random.key(0))[0]))(
         heads.init_classifier(enc, 32, 3)
     )
     assert optax.tree.norm(grads["encoder"]) > 0
@@ -135,6 +135,7 @@ def test_bag_of_words_part_is_the_idf_weighted_normalised_token_count(x64):
     episodes = episodes._replace(support={**episodes.support, "mask": mask[None]})
     full = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), heads.init_classifier(moved, 96, 3))
 
+    @jax.jit
     def f(bow):
         p = {**full, "encoder": {**full["encoder"], "bow": bow}}
         return alg.meta_loss(p, episodes, jax.random.key(0))[0]

@@ -138,7 +138,7 @@ def test_second_order_maml_through_reference_models(make, x64):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), {}
 
     adapt = mf.make_adapt_fn(loss_fn, optax.sgd(0.1), 1)
-    meta_loss = lambda p: loss_fn(adapt(p, inputs, jax.random.key(0))[0], inputs, None)[0]  # noqa: E731
+    meta_loss = jax.jit(lambda p: loss_fn(adapt(p, inputs, jax.random.key(0))[0], inputs, None)[0])
     jax.test_util.check_grads(
         meta_loss, (params,), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5
     )
