@@ -119,9 +119,17 @@ def _test_chunks(sampler, shots: int, cfg):
         yield i, sampler.meta_batch(cfg.eval.seed + shots, i, cfg.eval.chunk)
 
 
-def _chunk_program(one: Callable, batch: int) -> Callable:
-    """``run(params, episodes, key)``: ``one(params, episode, key)`` jitted and mapped over a
-    chunk of episodes, ``batch`` of them in parallel."""
+@functools.lru_cache(maxsize=64)
+def _chunk_program(score: Callable, adapt: TestAdapt, steps: tuple, batch: int) -> Callable:
+    """``run(params, episodes, key)``: per episode of the chunk, ``score(adapted, episode, key)``
+    after each of ``steps`` adaptation steps, stacked ``[steps, ...]``; jitted, ``batch``
+    episodes in parallel. One compiled program per ``(score, adapt)``: validation and test
+    classes, every shots setting and the fine-tuned methods (one ``adapt``, see
+    :func:`fine_tune_adapt`) share it."""
+
+    def one(params, episode, k):
+        out = [score(adapt(params, episode.support, k, n), episode, k) for n in steps]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
     @jax.jit
     def run(params, episodes, key):
@@ -131,9 +139,10 @@ def _chunk_program(one: Callable, batch: int) -> Callable:
     return run
 
 
-def _evaluate_chunks(run: Callable, params, sampler, shots: int, cfg):
-    """``(episodes, outputs)`` of :func:`_chunk_program` ``run`` per chunk of
-    :func:`_test_chunks`, on the host."""
+def _evaluate_chunks(score: Callable, adapt: TestAdapt, params, sampler, shots, steps, cfg):
+    """``(episodes, outputs)`` of :func:`_chunk_program` per chunk of :func:`_test_chunks`, on
+    the host."""
+    run = _chunk_program(score, adapt, tuple(steps), cfg.eval.batch)
     for i, episodes in _test_chunks(sampler, shots, cfg):
         yield episodes, jax.device_get(run(params, episodes, jax.random.key(cfg.eval.seed + i)))
 
@@ -353,27 +362,14 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
     def to_task_params(params):  # the pretraining head is replaced by a ways-sized one
         return {**params, "head": heads.init_classifier(None, hidden, ways)["head"]}
 
-    @functools.cache
-    def accuracy_program(adapt: TestAdapt, steps: tuple, batch: int) -> Callable:
-        """The query accuracy after each of ``steps`` adaptation steps, compiled once per
-        ``adapt``: the validation and test classes, every shots setting and the fine-tuned
-        methods (one ``adapt``, see :func:`fine_tune_adapt`) share it."""
-
-        def one(params, episode, k):
-            return jnp.stack(
-                [
-                    loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1]["accuracy"]
-                    for n in steps
-                ]
-            )
-
-        return _chunk_program(one, batch)
+    def accuracy(adapted, episode, k):
+        return loss_fn(adapted, episode.query, k)[1]["accuracy"]
 
     def evaluate_on(tokens: LabeledTokens):
         def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
             sampler = episode_sampler(tokens, ways=ways, shots=shots, queries=cfg.eval.queries)
-            run = accuracy_program(adapt, tuple(steps), cfg.eval.batch)
-            out = [o for _, o in _evaluate_chunks(run, params, sampler, shots, cfg)]
+            chunks = _evaluate_chunks(accuracy, adapt, params, sampler, shots, steps, cfg)
+            out = [o for _, o in chunks]
             return {"accuracy": np.concatenate(out)[: cfg.eval.num_episodes]}
 
         return evaluate
@@ -568,32 +564,26 @@ def translation_family(config, shared: Shared | None = None) -> Family:
             "tgt_mask": pooled_tgt_mask[rows],
         }
 
+    def greedy(adapted, episode, k):
+        q = episode.query
+        return seq2seq.greedy_decode(
+            start_fn,
+            step_fn,
+            adapted,
+            q["src"],
+            q["src_mask"],
+            bos_id=bos,
+            eos_id=eos,
+            max_len=tgt_len,
+        )
+
     def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
         test_sampler = families.translation_sampler(
             test_pairs, enc_src, enc_tgt, shots=shots, queries=cfg.eval.queries
         )
-
-        def one(params, episode, k):
-            q = episode.query
-            return jnp.stack(
-                [
-                    seq2seq.greedy_decode(
-                        start_fn,
-                        step_fn,
-                        adapt(params, episode.support, k, n),
-                        q["src"],
-                        q["src_mask"],
-                        bos_id=bos,
-                        eos_id=eos,
-                        max_len=tgt_len,
-                    )
-                    for n in steps
-                ]
-            )
-
         scores = {"chrf": [], "bleu": []}
-        run = _chunk_program(one, cfg.eval.batch)
-        for eps, decoded in _evaluate_chunks(run, params, test_sampler, shots, cfg):
+        chunks = _evaluate_chunks(greedy, adapt, params, test_sampler, shots, steps, cfg)
+        for eps, decoded in chunks:
             for e in range(decoded.shape[0]):  # [episodes, steps, queries, len]
                 refs = [decode(t) for t in eps.query["tgt"][e]]
                 per_steps = [
@@ -703,6 +693,10 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
         rows = np.random.default_rng([seed, step]).choice(len(pooled["start"]), per_step, False)
         return {k: v[rows] for k, v in pooled.items()}
 
+    def span_scores(adapted, episode, k):
+        metrics = loss_fn(adapted, episode.query, k)[1]
+        return {m: metrics[m] for m in ("f1", "exact_match")}
+
     def evaluate(adapt: TestAdapt, params, shots: int, steps, cfg) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -715,14 +709,8 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
                 tokenized=test_tok,
             )
 
-        def one(params, episode, k):
-            out = [
-                loss_fn(adapt(params, episode.support, k, n), episode.query, k)[1] for n in steps
-            ]
-            return {m: jnp.stack([o[m] for o in out]) for m in ("f1", "exact_match")}
-
-        run = _chunk_program(one, cfg.eval.batch)
-        out = [o for _, o in _evaluate_chunks(run, params, test_sampler, shots, cfg)]
+        chunks = _evaluate_chunks(span_scores, adapt, params, test_sampler, shots, steps, cfg)
+        out = [o for _, o in chunks]
         return {
             m: np.concatenate([o[m] for o in out])[: cfg.eval.num_episodes]
             for m in ("f1", "exact_match")

@@ -7,9 +7,9 @@ currencies): runs offline on a fresh machine. The README's main job:
     python -m experiments.fewshot                          # this config
     python -m experiments.fewshot --config experiments/configs/cldr.py:runlocal
 
-Expected (measured 2026-12-06, 2-core CPU): 12 min 41 s (11 min 1 s idle); 5-way accuracy on
-the held-out languages, 1 / 5-shot, after each method's test-time steps: MAML 67.2 / 74.4,
-Reptile 65.4 / 74.5, multi-task 65.6 / 76.5, character 1-3-gram floor 61.0 / 70.3 (table:
+Expected (measured 2026-12-07, 2-core CPU): 12 min 29 s; 5-way accuracy on the held-out
+languages, 1 / 5-shot, after each method's test-time steps: MAML 67.8 / 74.8, Reptile
+65.4 / 75.1, multi-task 65.4 / 76.1, character 1-3-gram floor 61.0 / 70.3 (table:
 README.md).
 """
 
