@@ -366,16 +366,20 @@ def _tensorboard(workdir: str, method: str):
 # Evaluation on meta-test classes / languages.
 
 
+def _val_config(cfg):
+    """``eval.val_episodes`` meta-validation episodes, seeded apart from the test episodes."""
+    return with_fields(
+        cfg, eval={"num_episodes": cfg.eval.val_episodes, "seed": cfg.eval.seed + 500}
+    )
+
+
 def select_test_lr(params, shots: int, cfg, family: Family) -> float:
     """The test-time SGD learning rate of ProtoNet and the baselines at ``shots``: the best of
     ``eval.lr_grid`` after ``eval.report_steps`` steps on ``eval.val_episodes`` episodes of the
-    meta-validation classes (never trained on, disjoint from the test classes); ``eval.inner_lr``
-    where the family has no validation classes."""
+    meta-validation classes (never trained on, disjoint from the test classes);
+    ``eval.inner_lr`` where the family has none."""
     if family.val_evaluate is None:
         return cfg.eval.inner_lr
-    val_cfg = with_fields(
-        cfg, eval={"num_episodes": cfg.eval.val_episodes, "seed": cfg.eval.seed + 500}
-    )
     means = [
         float(
             np.mean(
@@ -384,7 +388,7 @@ def select_test_lr(params, shots: int, cfg, family: Family) -> float:
                     (params, jnp.float32(lr)),
                     shots,
                     (cfg.eval.report_steps,),
-                    val_cfg,
+                    _val_config(cfg),
                 )[family.metrics[0]]
             )
         )
@@ -416,11 +420,14 @@ def make_test_adapt(method: str, cfg, family: Family):
 
 def evaluate(method: str, params, cfg, family: Family) -> dict:
     """``{"<k>-shot/<n>-step": {metric: {"mean", "ci95"}}}`` on ``eval.num_episodes`` meta-test
-    episodes per shots setting (the same episodes for every method), plus ``"<k>-shot/lr"``: the
-    test-time learning rate chosen on validation classes (fine-tuned methods only)."""
+    episodes per shots setting (the same episodes for every method); for learned methods,
+    ``"<k>-shot/val"``: the mean metric after ``eval.report_steps`` steps on the
+    meta-validation episodes (what to choose hyperparameters on; families with validation
+    classes only), and for fine-tuned ones ``"<k>-shot/lr"``: the test-time learning rate
+    chosen there."""
     if method in BASELINES:
         params = family.to_task_params(params)
-    out = {}
+    out, steps = {}, tuple(cfg.eval.steps)
     for shots in cfg.eval.shots:
         if method in CENTROIDS:  # no learning, no adaptation: the same at every step
             scores = family.centroid_evaluate(shots, cfg, weighted=method == "idf_centroid")
@@ -431,7 +438,11 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
                 lr = out[f"{shots}-shot/lr"] = select_test_lr(params, shots, cfg, family)
                 inputs = (params, jnp.float32(lr))
             adapt = make_test_adapt(method, cfg, family)
-            scores = family.evaluate(adapt, inputs, shots, tuple(cfg.eval.steps), cfg)
+            if family.val_evaluate is not None:  # all of eval.steps: the test program serves
+                val = family.val_evaluate(adapt, inputs, shots, steps, _val_config(cfg))
+                val = val[family.metrics[0]][:, steps.index(cfg.eval.report_steps)]
+                out[f"{shots}-shot/val"] = float(np.mean(val))
+            scores = family.evaluate(adapt, inputs, shots, steps, cfg)
         for j, n in enumerate(cfg.eval.steps):
             out[f"{shots}-shot/{n}-step"] = {
                 m: dict(zip(("mean", "ci95"), mf.mean_ci95(v[:, j]), strict=True))
@@ -502,12 +513,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def results_table(results: dict, config, family: str, metric: str) -> str:
     """Markdown: one row per method; per shots, ``metric`` before adaptation (0 steps: for
     classification the prototype head) and after the method's ``eval.report_steps`` steps
-    (mean +- 95% CI over test episodes, in %); ``test lr``: the fine-tuning learning rate per
-    shots chosen on validation classes (ProtoNet and the baselines)."""
+    (mean +- 95% CI over test episodes, in %); ``val``: the adapted metric per shots on the
+    validation classes, where the family has them; ``test lr``: the fine-tuning learning rate
+    per shots chosen on validation classes (ProtoNet and the baselines)."""
     shots = config.eval.shots
     head = f"| method ({metric}, {config.eval.num_episodes} test episodes) | "
     head += " | ".join(f"{k}-shot, 0 steps | {k}-shot, adapted" for k in shots)
-    lines = [head + " | adapt steps | test lr | train s |", "|---" * (2 * len(shots) + 4) + "|"]
+    has_val = any(
+        f"{shots[0]}-shot/val" in e["scores"].get(family, {}) for e in results["methods"].values()
+    )
+    val_head = f" | val ({config.eval.val_episodes} episodes)" if has_val else ""
+    lines = [
+        head + f"{val_head} | adapt steps | test lr | train s |",
+        "|---" * (2 * len(shots) + 4 + has_val) + "|",
+    ]
     for name, entry in results["methods"].items():
         if family not in entry["scores"]:
             continue
@@ -516,6 +535,9 @@ def results_table(results: dict, config, family: str, metric: str) -> str:
             for n in (0, entry["report_steps"]):
                 c = entry["scores"][family][f"{k}-shot/{n}-step"][metric]
                 cells.append(f"{100 * c['mean']:.1f} ± {100 * c['ci95']:.1f}")
+        if has_val:
+            vals = [entry["scores"][family].get(f"{k}-shot/val") for k in shots]
+            cells.append(" / ".join(f"{100 * x:.1f}" for x in vals) if None not in vals else "-")
         lrs = [entry["scores"][family].get(f"{k}-shot/lr") for k in shots]
         lr_cell = " / ".join(f"{x:g}" for x in lrs) if None not in lrs else "-"
         lines.append(

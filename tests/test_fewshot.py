@@ -51,6 +51,14 @@ def test_pipeline_end_to_end(tmp_path):
         for k in config.eval.shots:
             assert saved["methods"][m]["scores"]["cldr"][f"{k}-shot/lr"] in config.eval.lr_grid
     assert "-shot/lr" not in str(list(saved["methods"]["maml"]["scores"]["cldr"]))
+    # Every learned method is scored on the validation languages too: a mean over val_episodes
+    # episodes of ways * queries predictions each, so a whole number of correct ones.
+    queries = config.eval.val_episodes * config.ways * config.eval.queries
+    for m in saved["methods"].values():
+        for k in config.eval.shots:
+            correct = m["scores"]["cldr"][f"{k}-shot/val"] * queries
+            assert 0 < correct <= queries and abs(correct - round(correct)) < 1e-3
+    assert f"| val ({config.eval.val_episodes} episodes) |" in table
     # 0 steps = the prototype classifier: for ProtoNet and scratch, the same as nearest-centroid
     # on the encoder's features, so above chance on every method (chance = 20%).
     for m in saved["methods"].values():
