@@ -58,8 +58,9 @@ class Family(NamedTuple):
       to_task_params: turns pretrained baseline parameters into per-task ones (e.g. a fresh head).
       evaluate: ``evaluate(adapt, params, shots, steps, cfg) -> {metric: [episodes, steps]}`` on
         meta-test tasks, the same episodes for every method.
-      val_evaluate: the same on meta-validation classes (used to choose the baselines'
-        test-time learning rate), or None where the family has none.
+      val_evaluate: the same on meta-validation classes (every learned method's "val" score,
+        which chooses the baselines' test-time learning rate), or None where the family has
+        none.
       centroid_evaluate: ``(shots, cfg, weighted=False) -> {metric: [episodes]}`` of the
         no-learning floor (n-gram nearest centroid; ``weighted``: tf-idf) on the same episodes;
         None where it does not apply.

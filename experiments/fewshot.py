@@ -366,35 +366,30 @@ def _tensorboard(workdir: str, method: str):
 # Evaluation on meta-test classes / languages.
 
 
-def _val_config(cfg):
-    """``eval.val_episodes`` meta-validation episodes, seeded apart from the test episodes."""
-    return with_fields(
+def val_score(adapt, inputs, shots: int, cfg, family: Family) -> float:
+    """The mean metric after ``eval.report_steps`` steps on ``eval.val_episodes`` episodes of
+    the meta-validation classes (never trained on, disjoint from the test classes). Scored at
+    all of ``eval.steps``, so the test episodes' compiled program serves it."""
+    val_cfg = with_fields(
         cfg, eval={"num_episodes": cfg.eval.val_episodes, "seed": cfg.eval.seed + 500}
     )
+    steps = tuple(cfg.eval.steps)
+    scores = family.val_evaluate(adapt, inputs, shots, steps, val_cfg)[family.metrics[0]]
+    return float(np.mean(scores[:, steps.index(cfg.eval.report_steps)]))
 
 
-def select_test_lr(params, shots: int, cfg, family: Family) -> float:
-    """The test-time SGD learning rate of ProtoNet and the baselines at ``shots``: the best of
-    ``eval.lr_grid`` after ``eval.report_steps`` steps on ``eval.val_episodes`` episodes of the
-    meta-validation classes (never trained on, disjoint from the test classes);
-    ``eval.inner_lr`` where the family has none."""
+def select_test_lr(params, shots: int, cfg, family: Family) -> tuple[float, float | None]:
+    """``(lr, val)``: the test-time SGD learning rate of ProtoNet and the baselines at
+    ``shots``, the best of ``eval.lr_grid`` by :func:`val_score`, and that score;
+    ``(eval.inner_lr, None)`` where the family has no validation classes."""
     if family.val_evaluate is None:
-        return cfg.eval.inner_lr
-    means = [
-        float(
-            np.mean(
-                family.val_evaluate(
-                    fine_tune_adapt(family.loss_fn, family.baseline_init),
-                    (params, jnp.float32(lr)),
-                    shots,
-                    (cfg.eval.report_steps,),
-                    _val_config(cfg),
-                )[family.metrics[0]]
-            )
-        )
-        for lr in cfg.eval.lr_grid
+        return cfg.eval.inner_lr, None
+    adapt = fine_tune_adapt(family.loss_fn, family.baseline_init)
+    vals = [
+        val_score(adapt, (params, jnp.float32(lr)), shots, cfg, family) for lr in cfg.eval.lr_grid
     ]
-    return cfg.eval.lr_grid[int(np.argmax(means))]
+    best = int(np.argmax(vals))
+    return cfg.eval.lr_grid[best], vals[best]
 
 
 def make_test_adapt(method: str, cfg, family: Family):
@@ -431,19 +426,19 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
     for shots in cfg.eval.shots:
         if method in CENTROIDS:  # no learning, no adaptation: the same at every step
             scores = family.centroid_evaluate(shots, cfg, weighted=method == "idf_centroid")
-            scores = {m: np.repeat(v[:, None], len(cfg.eval.steps), 1) for m, v in scores.items()}
+            scores = {m: np.repeat(v[:, None], len(steps), 1) for m, v in scores.items()}
         else:
-            inputs = params
+            inputs, adapt, val = params, make_test_adapt(method, cfg, family), None
             if method in FINE_TUNED:
-                lr = out[f"{shots}-shot/lr"] = select_test_lr(params, shots, cfg, family)
+                lr, val = select_test_lr(params, shots, cfg, family)
+                out[f"{shots}-shot/lr"] = lr
                 inputs = (params, jnp.float32(lr))
-            adapt = make_test_adapt(method, cfg, family)
-            if family.val_evaluate is not None:  # all of eval.steps: the test program serves
-                val = family.val_evaluate(adapt, inputs, shots, steps, _val_config(cfg))
-                val = val[family.metrics[0]][:, steps.index(cfg.eval.report_steps)]
-                out[f"{shots}-shot/val"] = float(np.mean(val))
+            elif family.val_evaluate is not None:
+                val = val_score(adapt, inputs, shots, cfg, family)
+            if val is not None:
+                out[f"{shots}-shot/val"] = val
             scores = family.evaluate(adapt, inputs, shots, steps, cfg)
-        for j, n in enumerate(cfg.eval.steps):
+        for j, n in enumerate(steps):
             out[f"{shots}-shot/{n}-step"] = {
                 m: dict(zip(("mean", "ci95"), mf.mean_ci95(v[:, j]), strict=True))
                 for m, v in scores.items()
