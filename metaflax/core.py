@@ -270,9 +270,8 @@ def broadcast_to_tasks(tree: PyTree, num_tasks: int) -> PyTree:
 
     The same as closing over ``tree`` inside ``jax.vmap``, except for how the gradient is summed
     over tasks: as a pairwise tree of adds of the per-task slices instead of XLA's reduce over the
-    leading axis, which XLA:CPU runs several times slower on large leaves (summing the encoder's
-    eight per-task [8000, 128] embedding gradients took 45 ms of an 850 ms MAML step). This made
-    the encoder's second-order MAML step ~6% faster (``benchmarks/README.md``).
+    leading axis, which XLA:CPU runs several times slower on large leaves such as an embedding
+    table's per-task gradients (measurements: ``benchmarks/README.md``, PyTorch peers).
     """
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks, *jnp.shape(x))), tree)
 

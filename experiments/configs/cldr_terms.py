@@ -5,10 +5,8 @@ language into English, few-shot (a task is one source language; 25 languages hel
     python -m experiments.fewshot --config experiments/configs/cldr_terms.py:runlocal
 
 Real data shipped by babel (offline). A character-level encoder-decoder; chrF and BLEU
-(sacrebleu) of greedy decodes on the query terms.
-Expected (measured 2026-11-29, 2-core CPU): 19 min 4 s; chrF 5 / 20-shot after each method's
-test-time steps on 600 episodes: MAML 11.7 / 12.3, Reptile 13.9 / 15.9, multi-task 35.6 / 37.0
-(experiments/README.md).
+(sacrebleu) of greedy decodes on the query terms. ~19 min on 2 CPU cores.
+Results: experiments/README.md, section ``cldr_terms``.
 """
 
 from experiments.configs import common

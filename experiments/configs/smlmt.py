@@ -6,12 +6,9 @@ few-shot on CLINC150's held-out domains: no labeled data at all in meta-training
 
 A task masks one of N words in sentences that contain it; the label is which word. The
 tokenizer is a WordPiece vocabulary trained on the same unlabeled text (CLINC's Wikipedia
-sentences). Compare with clinc150.py (labeled meta-training) side by side.
-
-Expected (measured 2026-11-29, 2-core CPU, METAFLAX_DATA_DIR=../shared/data): 16 min 14 s;
-5-way accuracy on the 45 held-out intents, 1 / 5-shot, adapted: MAML 31.4 / 40.5, Reptile 26.0 /
-34.5, ProtoNet 37.0 / 49.0, the untrained encoder ("scratch") 46.7 / 69.9: at this size SMLMT
-makes the encoder worse (experiments/README.md).
+sentences). Compare with clinc150.py (labeled meta-training) side by side. Needs
+METAFLAX_DATA_DIR=../shared/data (or internet); ~16 min on 2 CPU cores.
+Results: experiments/README.md, section ``smlmt``.
 """
 
 from experiments.configs import common

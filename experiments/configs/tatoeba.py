@@ -5,10 +5,8 @@
 
 A task is one source language (112 with English pairs; 25 held out). Character-level
 encoder-decoder; chrF and BLEU (sacrebleu). Needs the Tatoeba source files
-(METAFLAX_DATA_DIR=../shared/data, or internet).
-Expected (measured 2026-11-29, 2-core CPU): 32 min 9 s; chrF 5 / 20-shot after each method's
-test-time steps on 600 episodes: MAML 5.0 / 5.0, Reptile 5.8 / 6.2, multi-task 8.4 / 8.8
-(experiments/README.md).
+(METAFLAX_DATA_DIR=../shared/data, or internet). ~32 min on 2 CPU cores.
+Results: experiments/README.md, section ``tatoeba``.
 """
 
 from experiments.configs import common

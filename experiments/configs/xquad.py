@@ -6,10 +6,8 @@
 12 languages x 48 articles (1190 questions each); 3 languages held out. A WordPiece vocabulary
 trained on the meta-training languages' text, a BERT encoder with a start/end span head; token
 exact match and F1. Needs the XQuAD source files (METAFLAX_DATA_DIR=../shared/data, or
-internet). Set model.hf_path (and tokenizer="hf") for a multilingual HF encoder.
-Expected (measured 2026-11-29, 2-core CPU): 29 min 48 s; F1 4 / 8-shot after each method's
-test-time steps on 600 episodes: MAML 10.0 / 8.8, Reptile 3.4 / 3.1, multi-task 5.5 / 5.3
-(experiments/README.md).
+internet). Set model.hf_path (and tokenizer="hf") for a multilingual HF encoder. ~30 min on
+2 CPU cores. Results: experiments/README.md, section ``xquad``.
 """
 
 from experiments.configs import common
