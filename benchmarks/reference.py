@@ -3,8 +3,9 @@
     python -m benchmarks.reference                         # all workloads, 1 inner step
     python -m benchmarks.reference --workloads sinusoid --inner-steps 1,5
 
-The hand-written steps below are what a user would write without metaflax: a Python loop of
-``jax.grad`` + SGD per task, ``vmap`` over tasks, ``optax.adam`` outside. They compute the same
+The hand-written steps (:func:`metaflax.testing.reference_step`) are what a user would write
+without metaflax: a Python loop of ``jax.grad`` + SGD per task, ``vmap`` over tasks,
+``optax.adam`` outside. They compute the same
 numbers as ``mf.maml`` / ``mf.reptile`` (tested in ``tests/test_benchmarks.py``). Both are timed
 in the same process, in alternating rounds, and reported as a ratio (metaflax / reference time).
 """
@@ -19,47 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from benchmarks.workloads import WORKLOADS, Workload, make_algorithm
-from metaflax.core import check_episodes
-
-KINDS = ("maml", "fomaml", "reptile")
-
-
-def reference_step(kind: str, w: Workload, num_inner_steps: int):
-    """``step(params, opt_state, episodes, key) -> (params, opt_state, loss)``, hand-written."""
-    outer = optax.adam(w.outer_lr)
-
-    def adapt(params, support, key):
-        for k in jax.random.split(key, num_inner_steps):
-            grads = jax.grad(lambda p, k=k: w.loss_fn(p, support, k)[0])(params)
-            if kind != "maml":
-                grads = jax.lax.stop_gradient(grads)
-            params = jax.tree.map(lambda p, g: p - w.inner_lr * g, params, grads)
-        return params
-
-    def task(params, episode, key):
-        inner_key, query_key = jax.random.split(key)
-        adapted = adapt(params, episode.support, inner_key)
-        return w.loss_fn(adapted, episode.query, query_key)[0], adapted
-
-    def step(params, opt_state, episodes, key):
-        keys = jax.random.split(key, check_episodes(episodes))
-        if kind == "reptile":
-            losses, adapted = jax.vmap(task, (None, 0, 0))(params, episodes, keys)
-            grads = jax.tree.map(lambda p, a: p - jnp.mean(a, 0), params, adapted)
-            loss = jnp.mean(losses)
-        else:
-
-            def meta_loss(p):
-                return jnp.mean(jax.vmap(lambda e, k: task(p, e, k)[0])(episodes, keys))
-
-            loss, grads = jax.value_and_grad(meta_loss)(params)
-        updates, opt_state = outer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, outer
+from metaflax.testing import KINDS, reference_step
 
 
 def _rate(step, carry, episodes, key, seconds: float) -> tuple[int, float]:
@@ -80,7 +43,7 @@ def compare(kind: str, w: Workload, num_inner_steps: int, seconds: float, rounds
     first round compiles and warms up and is not counted)."""
     alg = make_algorithm(kind, w, num_inner_steps)
     mf_step = jax.jit(alg.step, donate_argnums=0)
-    ref, outer = reference_step(kind, w, num_inner_steps)
+    ref, outer = reference_step(kind, w.loss_fn, w.inner_lr, w.outer_lr, num_inner_steps)
     ref_step = jax.jit(ref, donate_argnums=(0, 1))
     key = jax.random.key(0)
     totals = {"metaflax": [0, 0.0], "reference": [0, 0.0]}

@@ -131,14 +131,13 @@ WORKLOADS = {"sinusoid": sinusoid, "conv4": conv4, "encoder": encoder}
 
 
 def make_algorithm(name: str, w: Workload, num_inner_steps: int, **kw) -> mf.MetaAlgorithm:
-    """MAML / FOMAML / Reptile / Meta-SGD on a workload with its inner and outer optimizers."""
-    common = dict(outer_tx=optax.adam(w.outer_lr), num_inner_steps=num_inner_steps, **kw)
-    if name in ("maml", "fomaml"):
-        return mf.maml(
-            w.loss_fn, inner_tx=optax.sgd(w.inner_lr), first_order=name == "fomaml", **common
-        )
-    if name == "reptile":
-        return mf.reptile(w.loss_fn, inner_tx=optax.sgd(w.inner_lr), **common)
-    if name == "meta_sgd":
-        return mf.meta_sgd(w.loss_fn, init_lr=w.inner_lr, **common)
-    raise ValueError(f"unknown algorithm {name!r}; valid: maml, fomaml, reptile, meta_sgd.")
+    """An algorithm of :data:`metaflax.ALGORITHMS` on a workload with its inner SGD rate and
+    outer Adam."""
+    return mf.make_algorithm(
+        name,
+        w.loss_fn,
+        outer_tx=optax.adam(w.outer_lr),
+        inner_lr=w.inner_lr,
+        num_inner_steps=num_inner_steps,
+        **kw,
+    )

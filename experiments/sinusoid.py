@@ -27,24 +27,18 @@ from metaflax.tasks import mse_loss_fn, sample_sinusoid
 
 
 def make_algorithm(name: str, loss_fn, config: ml_collections.ConfigDict) -> mf.MetaAlgorithm:
-    """Builds one of the configured algorithms."""
-    inner = optax.sgd(config.inner_lr)
-    clip = optax.clip_by_global_norm(config.inner_clip) if config.inner_clip else None
-    if clip is not None:
-        inner = optax.chain(clip, inner)
+    """The algorithm ``name`` with the config's inner SGD (clipped at ``inner_clip``) and outer
+    Adam (cosine-decayed if ``outer_lr_decay``)."""
     outer_lr = config.outer_lr
     if config.outer_lr_decay:
         outer_lr = optax.cosine_decay_schedule(config.outer_lr, config.num_steps)
-    common = dict(outer_tx=optax.adam(outer_lr), num_inner_steps=config.num_inner_steps)
-    if name in ("maml", "fomaml"):
-        return mf.maml(loss_fn, inner_tx=inner, first_order=name == "fomaml", **common)
-    if name == "reptile":
-        return mf.reptile(loss_fn, inner_tx=inner, **common)
-    if name in ("meta_sgd", "lslr"):
-        factory = mf.meta_sgd if name == "meta_sgd" else mf.lslr
-        return factory(loss_fn, init_lr=config.inner_lr, inner_tx=clip, **common)
-    raise ValueError(
-        f"unknown algorithm {name!r}; valid: 'maml', 'fomaml', 'reptile', 'meta_sgd', 'lslr'."
+    return mf.make_algorithm(
+        name,
+        loss_fn,
+        outer_tx=optax.adam(outer_lr),
+        inner_lr=config.inner_lr,
+        num_inner_steps=config.num_inner_steps,
+        inner_transform=optax.clip_by_global_norm(config.inner_clip) if config.inner_clip else None,
     )
 
 

@@ -3,12 +3,12 @@
     python -m experiments.sinusoid_reference                     # seeds 0-4, 70,000 steps
     python -m experiments.sinusoid_reference --seeds 0 --steps 2000
 
-For each seed, metaflax's ``mf.maml`` (via :mod:`experiments.sinusoid`) and the hand-written step
-of :mod:`benchmarks.reference` (a Python ``jax.grad`` + SGD inner step, ``vmap`` over tasks,
-``optax.adam`` outside) are meta-trained in the issue's setting (K=10, meta-batch 25, inner SGD
-0.01 without clipping, constant outer Adam 1e-3) from the same initialisation on the same task
-stream, then scored with :func:`experiments.sinusoid.evaluate` (the sinusoid config's 10,000
-fresh tasks, one SGD step).
+For each seed, metaflax's ``mf.maml`` (via :mod:`experiments.sinusoid`) and the hand-written
+step of :func:`metaflax.testing.reference_step` (a Python ``jax.grad`` + SGD inner step,
+``vmap`` over tasks, ``optax.adam`` outside) are meta-trained in the issue's setting (K=10,
+meta-batch 25, inner SGD 0.01 without clipping, constant outer Adam 1e-3) from the same
+initialisation on the same task stream, then scored with :func:`experiments.sinusoid.evaluate`
+(the sinusoid config's 10,000 fresh tasks, one SGD step).
 Prints one row per seed and writes ``sinusoid_reference.json`` to ``--workdir``.
 """
 
@@ -24,13 +24,12 @@ import numpy as np
 from flax import nnx
 
 import metaflax as mf
-from benchmarks.reference import reference_step
-from benchmarks.workloads import Workload
 from experiments import sinusoid
 from experiments.configs.common import with_fields
 from experiments.configs.sinusoid import get_config
 from metaflax.models import MLP
 from metaflax.tasks import mse_loss_fn
+from metaflax.testing import reference_step
 
 SHOTS = (5, 10, 20)
 NAMES = ("metaflax", "reference")
@@ -39,8 +38,9 @@ NAMES = ("metaflax", "reference")
 def reference_algorithm(maml: mf.MetaAlgorithm, loss_fn, config) -> mf.MetaAlgorithm:
     """``maml`` with ``init`` / ``step`` (what ``sinusoid.meta_train`` calls) replaced by the
     hand-written step."""
-    w = Workload("sinusoid", loss_fn, None, None, config.inner_lr, config.outer_lr)
-    step_fn, outer = reference_step("maml", w, config.num_inner_steps)
+    step_fn, outer = reference_step(
+        "maml", loss_fn, config.inner_lr, config.outer_lr, config.num_inner_steps
+    )
 
     def init(params):
         return mf.MetaState(params, outer.init(params), jnp.zeros((), jnp.int32))

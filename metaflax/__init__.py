@@ -7,13 +7,16 @@
 
 from metaflax import bert, heads, seq2seq, sharding
 from metaflax.algorithms import (
+    ALGORITHMS,
     MetaAlgorithm,
     MetaState,
     adapt_only,
     check_finite,
     lslr,
+    make_algorithm,
     maml,
     meta_sgd,
+    multitask,
     path_filter,
     protonet,
     reptile,
@@ -34,6 +37,7 @@ from metaflax.functional import functionalize
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALGORITHMS",
     "Episode",
     "MetaAlgorithm",
     "MetaState",
@@ -46,11 +50,13 @@ __all__ = [
     "heads",
     "lslr",
     "make_adapt_fn",
+    "make_algorithm",
     "maml",
     "map_tasks",
     "mean_ci95",
     "meta_sgd",
     "mixed_precision",
+    "multitask",
     "path_filter",
     "protonet",
     "reptile",

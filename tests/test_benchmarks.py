@@ -1,4 +1,5 @@
-"""The hand-written reference steps of benchmarks/reference.py compute what metaflax computes."""
+"""The benchmarks' workloads and counts; the hand-written reference steps
+(metaflax.testing) compute what metaflax computes."""
 
 import functools
 import json
@@ -10,16 +11,17 @@ from flax import nnx
 from helpers import tree_allclose
 
 import metaflax as mf
-from benchmarks import gpu, reference, workloads
+from benchmarks import gpu, workloads
+from metaflax import testing
 from metaflax.models import Conv4, TextClassifier
 
 
-@pytest.mark.parametrize("kind", reference.KINDS)
+@pytest.mark.parametrize("kind", testing.KINDS)
 def test_reference_step_equals_metaflax(kind):
     w = workloads.sinusoid()
     alg = workloads.make_algorithm(kind, w, num_inner_steps=2)
     state, metrics = jax.jit(alg.step)(alg.init(w.params), w.episodes, jax.random.key(0))
-    step, outer = reference.reference_step(kind, w, num_inner_steps=2)
+    step, outer = testing.reference_step(kind, w.loss_fn, w.inner_lr, w.outer_lr, 2)
     params, _, loss = jax.jit(step)(w.params, outer.init(w.params), w.episodes, jax.random.key(0))
     assert tree_allclose(params, state.meta_params, rtol=1e-6, atol=1e-7)
     assert abs(float(loss) - float(metrics["loss"])) < 1e-6

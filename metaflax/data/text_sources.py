@@ -12,8 +12,13 @@ import numpy as np
 from metaflax.data.sampler import LabeledTokens
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # real data: bytes
+def as_text(value) -> str:
+    """A record field as ``str``: TFDS gives real text as ``bytes`` (mocked text as ``str``).
+
+    >>> as_text(b"caf\\xc3\\xa9"), as_text(3)
+    ('café', '3')
+    """
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def read_labeled_file(
@@ -45,8 +50,8 @@ def records_to_texts(records: Iterable[dict], text_key: str, label_key: str):
     """Texts and string labels from TFDS records (``bytes`` or ``str`` fields, or class ids)."""
     texts, labels = [], []
     for record in records:
-        texts.append(_text(record[text_key]))
-        labels.append(_text(record[label_key]))
+        texts.append(as_text(record[text_key]))
+        labels.append(as_text(record[label_key]))
     return texts, labels
 
 

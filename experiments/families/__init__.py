@@ -1,0 +1,107 @@
+"""Task families for :mod:`experiments.fewshot`: data, model, loss and evaluation of each.
+
+A :class:`Family` is everything the trainer needs to meta-train, pretrain and evaluate on one
+kind of task, with meta-train and meta-test tasks disjoint by class or language; one module per
+kind: :mod:`~experiments.families.classification`, :mod:`~experiments.families.qa`,
+:mod:`~experiments.families.translation`. ``mixed`` runs several of them on one shared encoder.
+"""
+
+from __future__ import annotations
+
+from experiments.configs.common import with_fields
+from experiments.families import classification, qa, translation
+from experiments.families.common import (
+    ClassBaselines,
+    Family,
+    Pooled,
+    Shared,
+    fine_tune_adapt,
+    make_encoder,
+)
+from metaflax.data import text_sources
+
+CLASSIFICATION = classification.DATASETS
+TRANSLATION = translation.DATASETS
+QA = qa.DATASETS
+DATASETS = CLASSIFICATION + TRANSLATION + QA
+POOLS = ("cls", "mean", "mean+bow")
+
+__all__ = [
+    "CLASSIFICATION",
+    "DATASETS",
+    "QA",
+    "TRANSLATION",
+    "ClassBaselines",
+    "Family",
+    "Pooled",
+    "Shared",
+    "check_config",
+    "fine_tune_adapt",
+    "make_family",
+    "mixed_families",
+]
+
+
+def check_config(config) -> None:
+    """Fails early, naming the fix, on dataset, tokenizer and model settings that cannot work
+    (before any data is read)."""
+    if config.dataset not in (*DATASETS, "mixed"):
+        valid = ", ".join((*DATASETS, "mixed"))
+        raise ValueError(f"unknown dataset {config.dataset!r}; valid: {valid}.")
+    if config.model.pool not in POOLS:
+        raise ValueError(f"model.pool={config.model.pool!r}; valid: {', '.join(POOLS)}.")
+    if config.model.pool == "mean+bow" and config.dataset not in CLASSIFICATION:
+        raise ValueError(
+            "model.pool='mean+bow' needs a single classification dataset (its IDF comes from "
+            "the meta-training text); use pool='mean' for QA, translation and mixed runs."
+        )
+    if config.meta_train_on not in ("classes", "smlmt"):
+        raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
+    if config.tokenizer not in ("char", "wordpiece", "hf"):
+        raise ValueError(f"tokenizer={config.tokenizer!r}; valid: 'char', 'wordpiece', 'hf'.")
+    if config.tokenizer == "hf" and not config.model.hf_path:
+        raise ValueError(
+            "tokenizer='hf' uses the tokenizer of an HF model directory: pass "
+            "--config.model.hf_path=/path/to/bert (config.json, model.safetensors, vocab)."
+        )
+    if config.tokenizer == "char" and config.meta_train_on == "smlmt":
+        raise ValueError("SMLMT masks words: use tokenizer='wordpiece' or 'hf', not 'char'.")
+    if config.tokenizer == "char" and config.dataset in QA:
+        raise ValueError(f"tokenizer={config.tokenizer!r}; QA needs 'wordpiece' or 'hf'.")
+
+
+def make_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
+    """The :class:`Family` of ``config.dataset``."""
+    if config.dataset in CLASSIFICATION:
+        return classification.classification_family(config, tokenizer, shared)
+    if config.dataset in TRANSLATION:
+        return translation.translation_family(config, shared)
+    if config.dataset in QA:
+        return qa.qa_family(config, tokenizer, shared)
+    raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}.")
+
+
+def mixed_families(config) -> dict[str, Family]:
+    """``config.mixed.datasets`` meta-trained together: one word-piece tokenizer trained on all
+    their meta-training text and one BERT encoder shared by the classification head, the span
+    head and the translation decoder. Per-dataset settings in ``config.mixed.overrides``."""
+    subs = {
+        name: with_fields(config, dataset=name, **config.mixed.overrides.to_dict().get(name, {}))
+        for name in config.mixed.datasets
+    }
+    unknown = sorted(set(subs) - set(DATASETS))
+    if unknown:
+        raise ValueError(f"unknown mixed datasets {unknown}; valid: {', '.join(DATASETS)}.")
+    texts = []
+    for name, sub in subs.items():
+        if name in CLASSIFICATION:
+            texts += classification.labeled_texts(sub).train_texts
+        elif name in QA:
+            texts += [t for e in qa.qa_examples(sub)[0] for t in (e.question, e.context)]
+        else:
+            pairs = translation.translation_pairs(sub)[0]
+            texts += [t for p in pairs.values() for pair in p for t in pair]
+    tokenizer = text_sources.train_wordpiece(texts, config.wordpiece_vocab)
+    max_len = max(sub.max_len for sub in subs.values())
+    shared = Shared(tokenizer, make_encoder(with_fields(config, max_len=max_len), len(tokenizer)))
+    return {name: make_family(sub, shared=shared) for name, sub in subs.items()}

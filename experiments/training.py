@@ -1,0 +1,176 @@
+"""Meta-training (and the baselines' pretraining) of one method, resumable from its
+checkpoints: the methods of :mod:`experiments.fewshot` and how each is built from a config."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import metaflax as mf
+from experiments import checkpoints
+from experiments.configs.common import with_fields
+from experiments.families import Family
+
+META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
+BASELINES = ("multitask", "scratch", "ngram_centroid", "idf_centroid")
+CENTROIDS = ("ngram_centroid", "idf_centroid")  # no learning, no adaptation
+FINE_TUNED = ("protonet", "multitask", "scratch")  # adapted at test by plain SGD fine-tuning
+METHODS = META_METHODS + BASELINES
+
+
+def num_devices(config) -> int:
+    available = jax.device_count()
+    n = config.num_devices or available
+    if n > available:
+        raise ValueError(f"num_devices={n} but only {available} devices exist; lower it.")
+    return n
+
+
+def method_config(config, method):
+    return with_fields(config, **config.overrides.to_dict().get(method, {}))
+
+
+def outer_tx(cfg):
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.outer_lr, min(cfg.warmup_steps, cfg.num_steps // 2 + 1), max(cfg.num_steps, 2)
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.outer_clip), optax.adam(lr))
+
+
+def make_algorithm(method: str, loss_fn, task_init, cfg) -> mf.MetaAlgorithm:
+    """The algorithm of ``method`` (a meta-learner or ``multitask``) from its config."""
+    return mf.make_algorithm(
+        method,
+        loss_fn,
+        outer_tx=outer_tx(cfg),
+        inner_lr=cfg.inner_lr,
+        num_inner_steps=cfg.num_inner_steps,
+        adapt_mask=mf.path_filter("head") if method == "anil" else None,
+        task_init=task_init,
+    )
+
+
+def merged_params(families: dict[str, Family], multitask: bool = False):
+    """One parameter tree for all families: the shared encoder and every family's head."""
+    out = {}
+    for family in families.values():
+        params = family.pooled.params if multitask else family.params
+        out = {**out, **params} if isinstance(params, dict) and "encoder" in params else params
+    return out
+
+
+def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
+    """Meta-trains (or pretrains) one method, resuming from its latest good checkpoint.
+
+    Several families (a mixed run) take turns, one meta-batch (or pooled batch) per step, on
+    one shared parameter tree. Returns ``(params, curve, seconds)`` with ``params`` ready for
+    test-time adaptation; ``scratch`` returns the initial parameters untrained.
+    """
+    names = list(families)
+    if method in ("scratch", *CENTROIDS):  # nothing to train
+        return merged_params(families), [], 0.0
+    steps, batches = {}, {}
+    if method == "multitask":  # pooled batches, one device
+        params = merged_params(families, multitask=True)
+        for name, family in families.items():
+            alg = make_algorithm(method, family.loss_fn, None, cfg)
+            steps[name], init = jax.jit(alg.step, donate_argnums=0), alg.init
+            batches[name] = lambda step, f=family: f.pooled.batch(cfg.seed, step)
+        unit = "ex"
+        per_step = np.mean([f.pooled.examples_per_step for f in families.values()])
+    else:
+        params = merged_params(families)
+        for name, family in families.items():
+            # ProtoNet's classifier is always the prototype head, whatever head_init says.
+            task_init = family.baseline_init if method == "protonet" else family.task_init
+            alg = make_algorithm(method, family.loss_fn, task_init, cfg)
+            step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
+            if num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
+                mesh = mf.sharding.make_mesh(tasks=num_devices(cfg))
+                learner = mf.sharding.shard(alg, mesh, params)
+                step_fn, init, put = learner.step, learner.init, learner.shard_episodes
+            steps[name] = step_fn
+            batches[name] = lambda step, f=family, put=put: put(
+                f.meta_batch(cfg.seed, step, cfg.meta_batch_size)
+            )
+        unit, per_step = "tasks", cfg.meta_batch_size
+
+    ckpt_dir = os.path.join(workdir, "checkpoints", method)
+    mngr, state, meta = checkpoints.restore_latest(
+        ckpt_dir, jax.eval_shape(init, params), cfg.checkpoints_to_keep
+    )
+    if state is None:
+        state, meta = init(params), {"step": 0, "curve": [], "seconds": 0.0}
+    else:
+        print(f"{method}: resumed from step {meta['step']} ({ckpt_dir})")
+    curve, seconds, step = meta["curve"], meta["seconds"], int(meta["step"])
+    base_key = jax.random.key(cfg.seed)  # step keys are fold_in(base_key, step): resumable
+    writer = _tensorboard(workdir, method)
+    pending, start, first = [], time.perf_counter(), step
+    with tqdm(
+        total=cfg.num_steps, initial=step, desc=method, unit="step", disable=cfg.quiet
+    ) as bar:
+        while step < cfg.num_steps:
+            name = names[step % len(names)]
+            state, metrics = steps[name](
+                state, batches[name](step // len(names)), jax.random.fold_in(base_key, step)
+            )
+            pending.append((name, metrics))
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                logged, pending = jax.device_get(pending), []  # also syncs the device
+                for _, m in logged:
+                    _check_finite(m, method, mngr)
+                loss = float(np.mean([m["loss"] for _, m in logged]))
+                scores = [m[f"query_{families[n].train_metric}"] for n, m in logged]
+                curve.append([step, loss, float(np.mean(scores))])
+                writer.add_scalar("train/loss", loss, step)
+                for n in names:
+                    metric = families[n].train_metric
+                    values = [m[f"query_{metric}"] for k, m in logged if k == n]
+                    if values:
+                        tag = f"train/{n}/{metric}" if len(names) > 1 else f"train/{metric}"
+                        writer.add_scalar(tag, float(np.mean(values)), step)
+                rate = per_step * (step - first) / (time.perf_counter() - start)
+                writer.add_scalar(f"train/{unit}_per_second", rate, step)
+                bar.set_postfix_str(
+                    f"loss={loss:.3f} query {families[names[0]].train_metric}="
+                    f"{curve[-1][2]:.3f} {unit}/s={rate:.1f}",
+                    refresh=False,
+                )
+                bar.update(step - bar.n)
+            if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+                meta = {
+                    "step": step,
+                    "curve": curve,
+                    "seconds": seconds + time.perf_counter() - start,
+                }
+                checkpoints.save(mngr, step, state, meta)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return state.meta_params, curve, meta["seconds"]
+
+
+def _check_finite(metrics, method, mngr) -> None:
+    try:
+        mf.check_finite(metrics)
+    except FloatingPointError:
+        mngr.wait_until_finished()
+        last = mngr.latest_step()
+        raise FloatingPointError(
+            f"{method}: non-finite loss or gradient at step {int(metrics['step'])} "
+            f"(loss={float(metrics['loss'])}); stopped. The last good checkpoint "
+            f"(step {last}) is kept in {mngr.directory}. Lower inner_lr / outer_lr."
+        ) from None
+
+
+def _tensorboard(workdir: str, method: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tb", method))
