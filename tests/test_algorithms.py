@@ -167,3 +167,44 @@ def test_donating_the_state_keeps_the_callers_params():
         state, _ = step(alg.init(params), episodes, jax.random.key(0))
         state, _ = step(state, episodes, jax.random.key(1))
         assert all(not x.is_deleted() for x in jax.tree.leaves(params))
+
+
+def test_make_algorithm_is_the_factory_it_names():
+    """By name, the same numbers as the factory called directly; model_params finds the model's
+    parameters inside every algorithm's meta-parameters."""
+    loss_fn, params, episodes = sinusoid_setup(tasks=3)
+    outer, key = optax.adam(1e-2), jax.random.key(0)
+    direct = {
+        "maml": mf.maml(loss_fn, inner_tx=optax.sgd(0.05), outer_tx=outer, num_inner_steps=2),
+        "reptile": mf.reptile(loss_fn, inner_tx=optax.sgd(0.05), outer_tx=outer, num_inner_steps=2),
+        "lslr": mf.lslr(loss_fn, outer_tx=outer, init_lr=0.05, num_inner_steps=2),
+    }
+    for name, alg in direct.items():
+        named = mf.make_algorithm(name, loss_fn, outer_tx=outer, inner_lr=0.05, num_inner_steps=2)
+        a, _ = alg.step(alg.init(params), episodes, key)
+        b, _ = named.step(named.init(params), episodes, key)
+        assert tree_allclose(a.meta_params, b.meta_params, rtol=0, atol=0), name
+        model = named.model_params(b.meta_params)
+        assert jax.tree.structure(model) == jax.tree.structure(params), name
+    with pytest.raises(ValueError, match="unknown algorithm 'mamll'; valid: maml"):
+        mf.make_algorithm("mamll", loss_fn, outer_tx=outer, inner_lr=0.1)
+    with pytest.raises(ValueError, match="pass inner_lr"):
+        mf.make_algorithm("maml", loss_fn, outer_tx=outer)
+    with pytest.raises(ValueError, match="pass adapt_mask"):
+        mf.make_algorithm("anil", loss_fn, outer_tx=outer, inner_lr=0.1)
+
+
+def test_multitask_step_is_one_outer_step_on_the_pooled_loss():
+    loss_fn, params, episodes = sinusoid_setup(tasks=2)
+    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), episodes.support)  # pooled
+    alg = mf.multitask(loss_fn, outer_tx=optax.sgd(0.1))
+    state, metrics = alg.step(alg.init(params), batch, jax.random.key(0))
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    assert tree_allclose(state.meta_params, expected, rtol=1e-6, atol=1e-7)
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    nan = jax.tree.map(lambda x: x * jnp.nan, batch)
+    skipped, metrics = alg.step(state, nan, jax.random.key(0))  # a NaN step changes nothing
+    assert tree_allclose(skipped.meta_params, state.meta_params, rtol=0, atol=0)
+    with pytest.raises(FloatingPointError):
+        mf.check_finite(metrics)
