@@ -2,9 +2,9 @@
 
 The encoder's parameters map one-to-one onto HF ``BertModel`` tensors, so pretrained BERT
 checkpoints load into it (``from_pretrained``) and meta-trained encoders load back into
-``transformers`` (``save_pretrained``). Attention is plain batched matmuls + softmax, which has
-exact second derivatives on every backend (fused attention kernels often lack double-backward),
-so second-order MAML runs through it. Matmuls differentiate as plain 2-D / batched products
+``transformers`` (``save_pretrained``). Attention is :func:`metaflax.models.dot_product_attention`,
+plain batched matmuls + softmax with exact second derivatives on every backend, so second-order
+MAML runs through it. Matmuls differentiate as plain 2-D / batched products
 (:func:`metaflax.models.dense_dot_general`), the form XLA:CPU runs fastest.
 """
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metaflax.models import batched_matmul, dense_dot_general
+from metaflax.models import dense_dot_general, dot_product_attention
 
 PyTree = Any
 
@@ -152,16 +152,11 @@ class BertLayer(nnx.Module):
         b, t, h = x.shape  # x: [batch, seq, hidden]; mask: [batch, seq] (True = attend)
         heads = self.cfg.num_attention_heads
 
-        def split(y):  # [batch, heads, seq, head_dim]
-            return y.reshape(b, t, heads, h // heads).transpose(0, 2, 1, 3)
+        def split(y):  # [batch, seq, heads, head_dim]
+            return y.reshape(b, t, heads, h // heads)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = batched_matmul(q, k.swapaxes(-1, -2))  # softmax in >= float32, also under bf16
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-        scores = scores / np.sqrt(h // heads).astype(scores.dtype)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        context = batched_matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, t, h)
+        context = dot_product_attention(q, k, v, mask[:, None, :]).reshape(b, t, h)
         return self.attention_output(context)
 
     def mlp(self, x: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -165,6 +166,37 @@ def _batched_matmul_fwd(x, y):
 batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of every head: two :func:`batched_matmul` products and a softmax.
+
+    The attention of :class:`EncoderBlock` and :class:`metaflax.bert.BertLayer`. Its derivatives
+    of every order are exact (fused attention kernels often lack double-backward), so
+    second-order MAML runs through it; the softmax runs in at least float32, also under bfloat16.
+
+    Args:
+      q: queries ``[batch, q_len, heads, head_dim]``.
+      k: keys ``[batch, k_len, heads, head_dim]``.
+      v: values ``[batch, k_len, heads, head_dim]``.
+      mask: ``[batch, q_len, k_len]`` or broadcastable to it (``[batch, 1, k_len]`` for key
+        padding); True = attend.
+
+    Returns:
+      ``[batch, q_len, heads, head_dim]``, in the dtype of ``v``.
+
+    >>> import jax.numpy as jnp
+    >>> q = k = v = jnp.ones((2, 5, 4, 8))  # [batch, seq, heads, head_dim]
+    >>> dot_product_attention(q, k, v, jnp.ones((2, 1, 5), bool)).shape
+    (2, 5, 4, 8)
+    """
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [batch, heads, seq, head_dim]
+    scores = batched_matmul(q, k.swapaxes(-1, -2))
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = scores / np.sqrt(q.shape[-1]).astype(scores.dtype)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return batched_matmul(probs, v).transpose(0, 2, 1, 3)
+
+
 def dense_dot_general(
     lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
 ):
@@ -174,9 +206,9 @@ def dense_dot_general(
     Differentiated by JAX's own rules, ``x @ W`` with ``x: [batch, seq, d]`` (and a task axis
     under ``vmap``) gives weight gradients contracting several axes at once, and XLA:CPU lays
     their operands out again (transposing copies) before each such dot, at every derivative
-    order of MAML. Flattened to ``[batch * seq, d]`` and transposed explicitly (and the
-    attention's batched products likewise), the encoder's second-order MAML step went from 0.71x
-    to 1.1x the best PyTorch peer's speed on CPU (``benchmarks/README.md``). Other contractions
+    order of MAML. Here they are flattened to ``[batch * seq, d]`` and transposed explicitly (and
+    the attention's batched products likewise), which XLA:CPU runs without those copies
+    (measurements: ``benchmarks/README.md``, PyTorch peers). Other contractions
     fall through to ``lax.dot_general``. Reverse mode only (``jax.jvp`` of it is not defined),
     which is all metaflax uses.
     """
@@ -196,8 +228,8 @@ def dense_dot_general(
 
 
 class EncoderBlock(nnx.Module):
-    """A pre-LN Transformer block; attention written as plain batched matmuls (exact
-    double-backward), dense layers through :func:`dense_dot_general`."""
+    """A pre-LN Transformer block: :func:`dot_product_attention` (exact double-backward), dense
+    layers through :func:`dense_dot_general`."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
         if dim % num_heads:
@@ -214,13 +246,8 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, d = x.shape  # x: [batch, seq, dim]; mask: [batch, seq]
         q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3 * self.num_heads, -1), 3, 2)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [batch, heads, seq, dim]
-        logits = batched_matmul(q, k.swapaxes(-1, -2))  # softmax in >= float32, also under bf16
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        logits = logits / jnp.sqrt(q.shape[-1]).astype(logits.dtype)
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        attn = batched_matmul(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
-        x = x + self.out(attn.transpose(0, 2, 1, 3).reshape(b, t, d))
+        attn = dot_product_attention(q, k, v, mask[:, None, :])  # [batch, seq, heads, head_dim]
+        x = x + self.out(attn.reshape(b, t, d))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
 
 

@@ -30,6 +30,9 @@ class _Attention(nnx.Module):
     def attend(self, x, k, v, mask):  # x: [b, q, d]; k, v: [b, k, heads, dh]; mask: [b, q, k]
         b, q, d = x.shape
         qh = self.query(x).reshape(b, q, self.heads, -1)
+        # einsum, not models.dot_product_attention: its batched_matmul products round
+        # differently (einsum contracts values^T @ probs^T) and would change the translation
+        # results (measured: logits up to 2e-7 apart, cached decoding steps 9e-6, grads 2e-8).
         scores = jnp.einsum("bqhd,bkhd->bhqk", qh, k) / np.sqrt(qh.shape[-1]).astype(x.dtype)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)

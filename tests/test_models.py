@@ -16,6 +16,7 @@ from metaflax.models import (
     batched_matmul,
     conv3x3,
     dense_dot_general,
+    dot_product_attention,
     max_pool_2x2,
 )
 
@@ -61,6 +62,33 @@ def test_dense_and_batched_matmul_equal_lax_to_third_order(x64):
     # Anything but a plain x @ W falls through to lax.dot_general, with its options.
     y = dense_dot_general(x[0], w[0], dims, preferred_element_type=jnp.float32)
     assert y.dtype == jnp.float32
+
+
+def test_dot_product_attention_equals_the_textbook_formula_to_second_order(x64):
+    # The attention of BERT and EncoderBlock against plain einsums differentiated by JAX: values
+    # and the second derivatives MAML takes, with key padding and a causal mask.
+    q, k, v = (
+        jax.random.normal(key, (2, 5, 3, 4)) for key in jax.random.split(jax.random.key(0), 3)
+    )
+    pad = jnp.arange(5)[None, None, :] < jnp.array([5, 2])[:, None, None]  # [batch, 1, k_len]
+    causal = jnp.tril(jnp.ones((5, 5), bool))[None] & pad  # [batch, q_len, k_len]
+
+    def reference(q, k, v, mask):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def second(attn, mask):  # d/d(q, k, v) of |d/d(q, k, v) sum(sin(attn))|^2
+        first = jax.grad(lambda *a: jnp.sum(jnp.sin(attn(*a, mask))), argnums=(0, 1, 2))
+        return jax.grad(lambda *a: sum(jnp.sum(g**2) for g in first(*a)), argnums=(0, 1, 2))
+
+    for mask in (pad, causal):
+        out = dot_product_attention(q, k, v, mask)
+        assert out.shape == (2, 5, 3, 4) and out.dtype == jnp.float64
+        np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-12, atol=1e-12)
+        got, want = second(dot_product_attention, mask)(q, k, v), second(reference, mask)(q, k, v)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_conv3x3_equals_lax_conv():
