@@ -44,7 +44,7 @@ def select_test_lr(params, shots: int, cfg, family: Family) -> tuple[float, floa
     return cfg.eval.lr_grid[best], vals[best]
 
 
-def make_test_adapt(method: str, cfg, family: Family):
+def make_test_adapt(method: str, cfg, loss_fn, task_init, baseline_init):
     """``adapt(params, support, key, num_steps) -> params`` as each method adapts at test time.
 
     Meta-learned methods use their own adaptation (learned inner LRs, ANIL's head-only updates);
@@ -53,13 +53,13 @@ def make_test_adapt(method: str, cfg, family: Family):
     ``num_steps=0`` is no gradient step at all.
     """
     if method in FINE_TUNED:
-        return fine_tune_adapt(family.loss_fn, family.baseline_init)
-    alg = make_algorithm(method, family.loss_fn, family.task_init, cfg)
+        return fine_tune_adapt(loss_fn, baseline_init)
+    alg = make_algorithm(method, loss_fn, task_init, cfg)
 
     def adapt(params, support, key, num_steps):
         if num_steps == 0:
             params = alg.model_params(params)
-            return params if family.task_init is None else family.task_init(params, support)
+            return params if task_init is None else task_init(params, support)
         return alg.adapt(params, support, key, num_steps=num_steps)[0]
 
     return adapt
@@ -80,7 +80,13 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
             scores = family.classes.centroid_evaluate(shots, cfg, weighted=method == "idf_centroid")
             scores = {m: np.repeat(v[:, None], len(steps), 1) for m, v in scores.items()}
         else:
-            inputs, adapt, val = params, make_test_adapt(method, cfg, family), None
+            inputs, adapt, val = (
+                params,
+                make_test_adapt(
+                    method, cfg, family.loss_fn, family.task_init, family.baseline_init
+                ),
+                None,
+            )
             if method in FINE_TUNED:
                 lr, val = select_test_lr(params, shots, cfg, family)
                 out[f"{shots}-shot/lr"] = lr

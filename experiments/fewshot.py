@@ -39,10 +39,18 @@ def check_config(config) -> None:
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(training.METHODS)}.")
     fam.check_config(config)
+    for method in config.methods:
+        cfg = training.method_config(config, method)
+        if cfg.eval.report_steps not in cfg.eval.steps:
+            raise ValueError(
+                f"{method}: eval.report_steps={cfg.eval.report_steps} is not one of eval.steps="
+                f"{tuple(cfg.eval.steps)}; add it there (the table reports that column)."
+            )
     classifiers = {"protonet", "anil", *training.CENTROIDS} & set(config.methods)
-    if config.dataset not in CLASSIFICATION and classifiers:  # mixed runs too
+    if not fam.is_classification(config.dataset) and classifiers:  # mixed runs too
         raise ValueError(
-            f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)}); "
+            f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)} "
+            "or a labeled file); "
             f"drop them for {config.dataset!r}."
         )
     if "idf_centroid" in config.methods and config.ngram != 1:
@@ -74,8 +82,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tokenizer = None
         if config.tokenizer == "hf":
             tokenizer = text_sources.load_tokenizer(config.model.hf_path)
-        families = {config.dataset: fam.make_family(config, tokenizer)}
+        families = {fam.source_name(config.dataset): fam.make_family(config, tokenizer)}
 
+    for family in families.values():
+        if "class_split" in family.info:  # reproducible from the config; written to be read
+            with open(os.path.join(workdir, "class_split.json"), "w") as f:
+                json.dump(family.info["class_split"], f, indent=1)
+            cut = ", ".join(f"{k} {100 * v:.1f}%" for k, v in family.info["cut_at_max_len"].items())
+            print(f"texts longer than max_len={config.max_len} tokens (cut): {cut}")
     results = {
         "config": config.to_dict(),
         "data": {name: f.info for name, f in families.items()},
@@ -98,6 +112,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 for name, family in families.items()
             },
         }
+        for name, family in families.items():  # the trained classifier, for experiments.adapt
+            if family.classes and family.classes.export and method not in training.CENTROIDS:
+                scores = entry["scores"][name]
+                lrs = {
+                    k: scores[f"{k}-shot/lr"] for k in cfg.eval.shots if f"{k}-shot/lr" in scores
+                }
+                trained = family.to_task_params(params) if method in training.BASELINES else params
+                path = os.path.join(workdir, "export", method)
+                family.classes.export(path, method, trained, cfg, lrs)
         os.makedirs(os.path.dirname(done), exist_ok=True)
         with open(done, "w") as f:
             json.dump(entry, f)
@@ -132,8 +155,13 @@ def _flags():
 
 def main(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    warnings.filterwarnings("ignore", message=".*fewer than shots.*")
-    train_and_evaluate(config, workdir or os.path.join("workdirs", config.name))
+    warnings.filterwarnings("ignore", message=".*examples and are excluded.*")  # the sampler's
+    if workdir is None:  # a user's data gets a workdir of its own
+        name = fam.source_name(config.dataset)
+        workdir = os.path.join(
+            "workdirs", config.name + ("" if name == config.dataset else "_" + name)
+        )
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

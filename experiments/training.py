@@ -36,8 +36,13 @@ def method_config(config, method):
 
 
 def outer_tx(cfg):
+    """Adam with linear warmup and cosine decay over ``num_steps``, after global-norm clipping."""
+    warmup = min(cfg.warmup_steps, cfg.num_steps // 2 + 1)
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.outer_lr, min(cfg.warmup_steps, cfg.num_steps // 2 + 1), max(cfg.num_steps, 2)
+        0.0,
+        cfg.outer_lr,
+        warmup,
+        max(cfg.num_steps, warmup + 1),  # a decay of >= 1 step
     )
     return optax.chain(optax.clip_by_global_norm(cfg.outer_clip), optax.adam(lr))
 

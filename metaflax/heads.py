@@ -127,6 +127,12 @@ def _cross_entropy(logits, labels, weights):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def classifier_logits(encode_fn: EncodeFn, params, tokens, mask) -> jax.Array:
+    """``pooled @ head.kernel + head.bias``: the classifier's logits ``[n, ways]``."""
+    _, pooled = encode_fn(params["encoder"], tokens, mask)
+    return pooled @ params["head"]["kernel"] + params["head"]["bias"][None]
+
+
 def classification_loss_fn(encode_fn: EncodeFn) -> Callable:
     """``loss_fn`` for batches ``{"tokens", "mask", "label"}`` (optional ``"weight"`` per row).
 
@@ -135,8 +141,7 @@ def classification_loss_fn(encode_fn: EncodeFn) -> Callable:
 
     def loss_fn(params, batch, key):
         del key
-        _, pooled = encode_fn(params["encoder"], batch["tokens"], batch["mask"])
-        logits = pooled @ params["head"]["kernel"] + params["head"]["bias"][None]
+        logits = classifier_logits(encode_fn, params, batch["tokens"], batch["mask"])
         weights = batch.get("weight", jnp.ones(logits.shape[:1], logits.dtype))
         loss = _cross_entropy(logits, batch["label"], weights)
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(logits.dtype)

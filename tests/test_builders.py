@@ -78,17 +78,18 @@ def test_catalog_datasets_use_the_same_adapter():
 
 
 def test_user_files_wordpiece_and_episodes(tmp_path):
-    rows = [("how do i pay my bill", "pay"), ("what is my balance", "balance")] * 6
+    rows = [(f"how do i pay bill {i}", "pay") for i in range(6)]
+    rows += [(f"what is balance {i}", "balance") for i in range(6)]
     (tmp_path / "d.csv").write_text("utterance,intent\n" + "\n".join(f"{t},{y}" for t, y in rows))
     (tmp_path / "d.tsv").write_text("utterance\tintent\n" + "\n".join(f"{t}\t{y}" for t, y in rows))
     (tmp_path / "d.jsonl").write_text(
         "\n".join(json.dumps({"utterance": t, "intent": y}) for t, y in rows)
     )
     for ext in ("csv", "tsv", "jsonl"):
-        texts, labels = text_sources.read_labeled_file(
-            str(tmp_path / f"d.{ext}"), text_column="utterance", label_column="intent"
+        texts, labels, _ = text_sources.read_labeled_file(
+            str(tmp_path / f"d.{ext}"), text_columns="utterance", label_column="intent"
         )
-        assert texts[:2] == [r[0] for r in rows[:2]] and labels[:2] == ["pay", "balance"]
+        assert texts == [t for t, _ in rows] and labels == [y for _, y in rows]
     with pytest.raises(ValueError, match=r"no column\(s\) \['text'\]; its columns are"):
         text_sources.read_labeled_file(str(tmp_path / "d.csv"), label_column="intent")
     tok = text_sources.train_wordpiece(texts, vocab_size=60, save_dir=str(tmp_path / "tok"))

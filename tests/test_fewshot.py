@@ -75,7 +75,7 @@ def test_pipeline_end_to_end(tmp_path):
 
 def test_validation_classes_are_disjoint_and_leave_the_test_classes_alone():
     config = _config()
-    labeled_texts = families.classification.labeled_texts
+    labeled_texts = families.sources.labeled_texts
     train, val, test = (set(labels) for labels in labeled_texts(config)[1::2])
     assert len(val) == config.languages.num_val and len(test) == config.languages.num_test
     assert not (train & val or train & test or val & test)
@@ -211,7 +211,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     [
         ({"methods": ("maml", "mamll")}, r"unknown methods \['mamll'\]; valid: maml, fomaml"),
         ({"dataset": "imdb"}, r"unknown dataset 'imdb'; valid: cldr, clinc150"),
-        ({"shots": 5000}, r"fewer than shots\+queries=5005 examples .* lower shots"),
+        ({"shots": 5000}, r"shots\+queries=5005 examples, fewer than ways=5: lower"),
         ({"meta_batch_size": 3, "num_devices": 2}, r"meta_batch_size=3 must be divisible by"),
         ({"tokenizer": "bpe"}, r"tokenizer='bpe'; valid: 'char', 'wordpiece', 'hf'"),
         ({"model": {"pool": "max"}}, r"model.pool='max'; valid: 'cls', 'mean', 'mean\+bow'"),
@@ -336,6 +336,31 @@ def test_hf_initialised_encoder(tmp_path):
         np.testing.assert_array_equal(a, b)  # the saved weights, not a fresh init
     results = fewshot.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["data"]["cldr"]["vocab_size"] == len(tokenizer)
+    # The export: the meta-trained encoder as a BERT checkpoint that transformers loads
+    # unchanged, and the whole classifier back (the bag of words beside it).
+    import torch
+    import transformers
+
+    from experiments import adapt
+
+    export = str(tmp_path / "run" / "export" / "maml")
+    hf = transformers.AutoModel.from_pretrained(export)
+    clf = adapt.load(export)
+    trained = clf.meta_params["encoder"]["encoder"]
+    kernel = trained["layers"][0]["attention_output"]["kernel"]  # ours: [in, out]
+    hf_kernel = hf.encoder.layer[0].attention.output.dense.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(kernel).T, hf_kernel)
+    assert not np.array_equal(
+        np.asarray(kernel), np.asarray(params["layers"][0]["attention_output"]["kernel"])
+    )
+    ids, mask = clf.tokenize(["Deutschland", "Italia"])
+    with torch.no_grad():
+        theirs = hf(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        ).last_hidden_state
+    apply_fn, _ = mf.functionalize(bert.from_pretrained(export).encoder)  # = transformers
+    seq, _ = apply_fn(trained, ids, mask)
+    np.testing.assert_allclose(np.asarray(seq)[mask], theirs.numpy()[mask], atol=2e-5)
     with pytest.raises(ValueError, match=r"pass --config\.model\.hf_path"):
         fewshot.train_and_evaluate(_config(tokenizer="hf"), str(tmp_path / "bad"))
 

@@ -14,7 +14,21 @@ def with_fields(config: ml_collections.ConfigDict, **fields) -> ml_collections.C
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "fewshot"
+    # a built-in dataset, a user's labeled file (.csv .tsv .jsonl .json .parquet) or a TFDS
+    # catalog dataset ("tfds:NAME"); several sources joined with "+" are meta-trained together
     config.dataset = "cldr"
+    # meta-test on every class of this source instead of the test classes of `dataset` (whose
+    # test classes then join meta-training); "" = no cross-dataset meta-testing
+    config.test_dataset = ""
+    config.data = ml_collections.ConfigDict()  # users' files and TFDS catalog datasets
+    config.data.text_columns = ("text",)  # several: joined with the tokenizer's [SEP]
+    config.data.label_column = "label"
+    config.data.tfds_split = "train"
+    # meta-train / meta-validation / meta-test classes: a JSON file {"train": [...], "val":
+    # [...], "test": [...]}, or "" = a random split of the classes by class_fractions
+    config.data.class_split = ""
+    config.data.class_fractions = (0.6, 0.2, 0.2)
+    config.data.split_seed = 0
     config.data_dir = ""  # source files; "" = METAFLAX_DATA_DIR, else download
     config.seed = 0
     config.meta_train_on = "classes"  # "classes" (labeled) | "smlmt" (unlabeled text)

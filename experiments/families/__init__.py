@@ -8,8 +8,10 @@ kind: :mod:`~experiments.families.classification`, :mod:`~experiments.families.q
 
 from __future__ import annotations
 
+import os
+
 from experiments.configs.common import with_fields
-from experiments.families import classification, qa, translation
+from experiments.families import classification, qa, sources, translation
 from experiments.families.common import (
     ClassBaselines,
     Family,
@@ -18,9 +20,10 @@ from experiments.families.common import (
     fine_tune_adapt,
     make_encoder,
 )
+from experiments.families.sources import is_classification, is_user_source, source_name
 from metaflax.data import text_sources
 
-CLASSIFICATION = classification.DATASETS
+CLASSIFICATION = sources.DATASETS
 TRANSLATION = translation.DATASETS
 QA = qa.DATASETS
 DATASETS = CLASSIFICATION + TRANSLATION + QA
@@ -37,20 +40,39 @@ __all__ = [
     "Shared",
     "check_config",
     "fine_tune_adapt",
+    "is_classification",
     "make_family",
     "mixed_families",
+    "source_name",
 ]
 
 
 def check_config(config) -> None:
     """Fails early, naming the fix, on dataset, tokenizer and model settings that cannot work
     (before any data is read)."""
-    if config.dataset not in (*DATASETS, "mixed"):
+    if config.dataset not in (*DATASETS, "mixed") and not is_classification(config.dataset):
         valid = ", ".join((*DATASETS, "mixed"))
-        raise ValueError(f"unknown dataset {config.dataset!r}; valid: {valid}.")
+        raise ValueError(
+            f"unknown dataset {config.dataset!r}; valid: {valid}, a labeled file "
+            f"({' '.join(text_sources.FILE_FORMATS)}), tfds:NAME (a TFDS catalog dataset), or "
+            "classification sources joined with '+'."
+        )
+    if config.test_dataset and not (
+        is_classification(config.dataset) and is_classification(config.test_dataset)
+    ):
+        raise ValueError(
+            f"test_dataset={config.test_dataset!r} meta-tests a classification dataset on "
+            "another's classes: both dataset and test_dataset must be classification sources."
+        )
+    for name in [*config.dataset.split("+"), *config.test_dataset.split("+")]:
+        if is_user_source(name) and not name.startswith("tfds:") and not os.path.isfile(name):
+            raise FileNotFoundError(
+                f"{name} does not exist: pass the path of a labeled file (--config.dataset)."
+            )
     if config.model.pool not in POOLS:
-        raise ValueError(f"model.pool={config.model.pool!r}; valid: {', '.join(POOLS)}.")
-    if config.model.pool == "mean+bow" and config.dataset not in CLASSIFICATION:
+        valid = ", ".join(map(repr, POOLS))
+        raise ValueError(f"model.pool={config.model.pool!r}; valid: {valid}.")
+    if config.model.pool == "mean+bow" and not is_classification(config.dataset):
         raise ValueError(
             "model.pool='mean+bow' needs a single classification dataset (its IDF comes from "
             "the meta-training text); use pool='mean' for QA, translation and mixed runs."
@@ -72,7 +94,7 @@ def check_config(config) -> None:
 
 def make_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """The :class:`Family` of ``config.dataset``."""
-    if config.dataset in CLASSIFICATION:
+    if is_classification(config.dataset):
         return classification.classification_family(config, tokenizer, shared)
     if config.dataset in TRANSLATION:
         return translation.translation_family(config, shared)
@@ -95,7 +117,7 @@ def mixed_families(config) -> dict[str, Family]:
     texts = []
     for name, sub in subs.items():
         if name in CLASSIFICATION:
-            texts += classification.labeled_texts(sub).train_texts
+            texts += sources.labeled_texts(sub).train_texts
         elif name in QA:
             texts += [t for e in qa.qa_examples(sub)[0] for t in (e.question, e.context)]
         else:

@@ -5,6 +5,8 @@ support set's class prototypes; accuracy."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 
@@ -20,51 +22,42 @@ from experiments.families.common import (
     make_encoder,
     test_chunks,
 )
-from metaflax import heads
+from experiments.families.sources import labeled_texts
+from metaflax import bert, heads
 from metaflax.data import corpora, families, text_sources
-from metaflax.data.sampler import LabeledTokens, episode_sampler
+from metaflax.data.sampler import LabeledTokens, class_split, episode_sampler
 from metaflax.data.text import CharVocab
 
-DATASETS = ("cldr", "clinc150", "huffpost", "fewrel")
 
-
-def check_counts(tokens: LabeledTokens, need: int, split: str, ways: int) -> None:
-    """Every class of ``tokens`` has >= ``need`` examples, and there are >= ``ways`` classes."""
+def usable_classes(tokens: LabeledTokens, need: int, split: str, ways: int) -> LabeledTokens:
+    """``tokens`` without the classes that have fewer than ``need`` examples (dropped with a
+    warning naming them and their counts); fewer than ``ways`` classes left is one error."""
     counts = np.bincount(tokens.labels, minlength=len(tokens.class_names))
-    small = np.flatnonzero(counts < need)
-    if len(small):
-        worst = int(np.argmin(counts))
+    small = {tokens.class_names[c]: int(counts[c]) for c in np.flatnonzero(counts < need)}
+    if small:
+        warnings.warn(
+            f"{len(small)} {split} classes have fewer than shots+queries={need} examples and are "
+            f"dropped: {dict(list(small.items())[:20])}",
+            stacklevel=2,
+        )
+        tokens = class_split(tokens, [c for c in tokens.class_names if c not in small])
+    if len(tokens.class_names) < ways:
         raise ValueError(
-            f"{len(small)} {split} classes have fewer than shots+queries={need} examples "
-            f"(smallest: {tokens.class_names[worst]!r} with {counts[worst]}); lower shots or "
-            "queries."
+            f"{split} has {len(tokens.class_names)} classes with >= shots+queries={need} "
+            f"examples, fewer than ways={ways}: lower --config.ways (or shots / queries), or give "
+            "this split more classes (--config.data.class_fractions or --config.data.class_split)."
         )
-    if len(counts) < ways:
-        raise ValueError(f"{split} has {len(counts)} classes, fewer than ways={ways}.")
+    return tokens
 
 
-def labeled_texts(config) -> corpora.ClassSplit:
-    """``config.dataset``'s texts and labels split into meta-train, meta-validation and
-    meta-test classes; the meta-validation classes (none for FewRel) choose the baselines'
-    test-time learning rate and are never trained on."""
-    name, path = config.dataset, config.data_dir or None
-    if name == "cldr":
-        lang = config.languages
-        return corpora.cldr_language_id(
-            min_terms=lang.min_cldr_terms,
-            num_test=lang.num_test,
-            num_val=lang.num_val,
-            seed=lang.split_seed,
-        )
-    if name == "clinc150":
-        return corpora.clinc150(
-            test_domains=config.clinc.test_domains, val_domains=config.clinc.val_domains, path=path
-        )
-    if name == "huffpost":
-        return corpora.huffpost(path=path)
-    return corpora.fewrel(
-        train_domain=config.fewrel.train_domain, test_domain=config.fewrel.test_domain, path=path
-    )
+def cut_share(config, tokenizer, texts) -> float:
+    """The share of ``texts`` longer than ``max_len`` tokens (cut when tokenized)."""
+    if not texts:
+        return 0.0
+    if config.tokenizer == "char":  # the vocabulary adds BOS and EOS
+        return float(np.mean([len(t) + 2 > config.max_len for t in texts]))
+    lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+    return float(np.mean(np.asarray(lengths) > config.max_len))
 
 
 def _char_tokens(vocab: CharVocab, texts, labels, max_len) -> LabeledTokens:
@@ -90,7 +83,12 @@ def _tokenizer(config, fit_texts, tokenizer):
 
 def classification_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     """Few-shot classification on classes never seen in meta-training; accuracy."""
-    split = labeled_texts(config)
+    separator = " "  # between text columns: the tokenizer's [SEP] where it has one
+    if config.tokenizer == "wordpiece" or shared is not None:
+        separator = " [SEP] "
+    elif config.tokenizer == "hf" and getattr(tokenizer, "sep_token", None):
+        separator = f" {tokenizer.sep_token} "
+    split = labeled_texts(config, separator)
     unlabeled = None
     if config.meta_train_on == "smlmt":
         unlabeled = corpora.unlabeled_text(
@@ -103,12 +101,13 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         config, unlabeled if unlabeled is not None else split.train_texts, tokenizer
     )
     need = max(config.eval.shots) + config.eval.queries
-    test = encode(split.test_texts, split.test_labels)
-    check_counts(test, need, "meta-test", config.ways)
+    test = usable_classes(
+        encode(split.test_texts, split.test_labels), need, "meta-test", config.ways
+    )
     val = None
     if split.val_texts:
         val = encode(split.val_texts, split.val_labels)
-        check_counts(val, need, "meta-validation", config.ways)
+        val = usable_classes(val, need, "meta-validation", config.ways)
     if unlabeled is not None:
         train = None
         sampler = families.smlmt_sampler(
@@ -121,7 +120,8 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         )
     else:
         train = encode(split.train_texts, split.train_labels)
-        check_counts(train, config.shots + config.queries, "meta-train", config.ways)
+        per_class = config.shots + config.queries
+        train = usable_classes(train, per_class, "meta-train", config.ways)
         sampler = episode_sampler(
             train, ways=config.ways, shots=config.shots, queries=config.queries
         )
@@ -168,6 +168,25 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
                 accs.append(ngram_centroid_accuracy(episode, cfg.ngram, vocab_size, weights))
         return {"accuracy": np.asarray(accs)[: cfg.eval.num_episodes]}
 
+    def export(path, method, params, cfg, test_lr):
+        from experiments import adapt  # the fine-tune stage reads what this writes
+
+        bert_config = None
+        if config.model.hf_path:
+            bert_config = bert.from_pretrained(config.model.hf_path).config
+        adapt.export(
+            path,
+            method=method,
+            meta_params=params,
+            config=cfg,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            ways=ways,
+            bert_config=bert_config,
+            idf=idf if config.model.pool == "mean+bow" else None,
+            test_lr=test_lr,
+        )
+
     pooled = None
     if train is not None:
         params = heads.init_classifier(encoder_params, hidden, len(train.class_names))
@@ -187,12 +206,26 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             "meta_test_classes": len(test.class_names),
             "test_class_names": list(test.class_names),
             "vocab_size": vocab_size,
+            "class_split": {
+                "train": [] if train is None else list(train.class_names),
+                "val": [] if val is None else list(val.class_names),
+                "test": list(test.class_names),
+            },
+            "cut_at_max_len": {
+                part: cut_share(config, tokenizer, texts)
+                for part, texts in (
+                    ("train", split.train_texts),
+                    ("val", split.val_texts),
+                    ("test", split.test_texts),
+                )
+            },
         },
         pooled=pooled,
         classes=ClassBaselines(
             proto_init=heads.classifier_task_init(encode_fn, "proto", ways),
             val_evaluate=None if val is None else evaluate_on(val),
             centroid_evaluate=centroid_evaluate,
+            export=None if shared else export,
         ),
     )
 

@@ -41,11 +41,14 @@ class ClassBaselines(NamedTuple):
         the dataset has none.
       centroid_evaluate: ``(shots, cfg, weighted=False) -> {metric: [episodes]}`` of the
         no-learning floor (n-gram nearest centroid; ``weighted``: tf-idf) on the test episodes.
+      export: ``export(path, method, params, cfg, test_lr)`` writes a trained classifier for
+        :mod:`experiments.adapt`; None in mixed runs.
     """
 
     proto_init: Callable
     val_evaluate: Callable | None
     centroid_evaluate: Callable
+    export: Callable | None = None
 
 
 class Family(NamedTuple):

@@ -13,12 +13,15 @@ upstream files.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
+import numpy as np
+
 from metaflax.data import cldr
 from metaflax.data.families import QAExample
-from metaflax.data.text_sources import as_text, classes_by_group
+from metaflax.data.text_sources import as_text, classes_by_group, clean_labeled
 
 
 class ClassSplit(NamedTuple):
@@ -51,6 +54,62 @@ def split_by_class(texts, labels, val_classes, test_classes) -> ClassSplit:
     return ClassSplit(*out)
 
 
+def random_class_split(
+    classes, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> dict[str, list[str]]:
+    """``{"train", "val", "test"}``: the distinct ``classes`` shuffled with ``seed`` and cut by
+    ``fractions`` (meta-train, meta-validation, meta-test; rounded, each non-zero fraction
+    gets at least one class). The same classes and seed give the same split.
+
+    >>> random_class_split(["a", "b", "c", "d", "e"], (0.6, 0.2, 0.2), seed=0)
+    {'train': ['a', 'b', 'd'], 'val': ['e'], 'test': ['c']}
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"class split fractions {fractions} must be three non-negative numbers (meta-train, "
+            "meta-validation, meta-test) that sum to 1, e.g. (0.6, 0.2, 0.2)."
+        )
+    names = sorted(set(classes))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val, n_test = (max(round(f * len(names)), 1 if f > 0 else 0) for f in fractions[1:])
+    if n_val + n_test >= len(names) and fractions[0] > 0:
+        raise ValueError(
+            f"{len(names)} classes are too few to split by {fractions}: give the file more "
+            "classes or use a class split file."
+        )
+    cut = [names[i] for i in order]
+    parts = {"test": cut[:n_test], "val": cut[n_test : n_test + n_val]}
+    parts["train"] = cut[n_test + n_val :]
+    return {k: sorted(parts[k]) for k in ("train", "val", "test")}
+
+
+def read_class_split(path: str, classes) -> dict[str, list[str]]:
+    """A class split from a JSON file ``{"train": [...], "val": [...], "test": [...]}`` (``val``
+    may be absent; classes of ``classes`` it does not name are left out), checked against
+    ``classes``: every class named once, and only classes that exist."""
+    try:
+        with open(path) as f:
+            split = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"class split file {path}: {e}") from None
+    if not isinstance(split, dict) or set(split) - {"train", "val", "test"}:
+        raise ValueError(
+            f"class split file {path} must hold an object with the keys 'train', 'val' (optional) "
+            "and 'test', each a list of class names."
+        )
+    split = {k: [str(c) for c in split.get(k, [])] for k in ("train", "val", "test")}
+    named = [c for part in split.values() for c in part]
+    repeated = sorted({c for c in named if named.count(c) > 1})
+    unknown = sorted(set(named) - {str(c) for c in classes})
+    if repeated or unknown:
+        raise ValueError(
+            f"class split file {path}: classes named more than once {repeated[:5]}, classes "
+            f"not in the data {unknown[:5]}; each class belongs to one split."
+        )
+    return split
+
+
 def _records(name: str, split: str, path: str | None) -> list[dict]:
     from metaflax.data import builders  # imports tensorflow_datasets: only when needed
 
@@ -75,9 +134,9 @@ def clinc150(*, test_domains, val_domains=(), path: str | None = None) -> ClassS
     domain: the intents of ``test_domains`` are meta-test, of ``val_domains`` meta-validation,
     of the other domains meta-train."""
     records = [r for s in ("train", "val", "test") for r in _records("clinc150", s, path)]
-    texts = [as_text(r["text"]) for r in records]
     labels = [as_text(r["intent"]) for r in records]
     groups = classes_by_group(labels, [as_text(r["domain"]) for r in records])
+    texts, labels, _ = clean_labeled([as_text(r["text"]) for r in records], labels, "clinc150")
     unknown = sorted((set(test_domains) | set(val_domains)) - set(groups))
     if unknown:
         raise ValueError(f"unknown CLINC150 domains {unknown}; valid: {sorted(groups)}.")
@@ -93,7 +152,7 @@ def huffpost(*, path: str | None = None) -> ClassSplit:
 
     records = _records("huffpost", "train", path)
     texts = [as_text(r["text"]) for r in records]
-    labels = [as_text(r["label"]) for r in records]
+    texts, labels, _ = clean_labeled(texts, [as_text(r["label"]) for r in records], "huffpost")
     val = {str(c) for c in HUFFPOST_CLASS_SPLIT["val"]}
     test = {str(c) for c in HUFFPOST_CLASS_SPLIT["test"]}
     return split_by_class(texts, labels, val, test)
@@ -123,8 +182,39 @@ def fewrel(*, train_domain: str = "wiki", test_domain: str = "nyt", path=None) -
         for r in _records("fewrel", domain, path):
             texts.append(mark_entities(r))
             labels.append(f"{domain}/{as_text(r['relation'])}")
+    texts, labels, _ = clean_labeled(texts, labels, "fewrel")
     test = {c for c in labels if c.startswith(test_domain + "/")}
     return split_by_class(texts, labels, set(), test)
+
+
+def tfds_labeled(
+    name: str,
+    *,
+    split: str = "train",
+    text_features=("text",),
+    label_feature: str = "label",
+    separator: str = " ",
+):
+    """The labeled texts of a TFDS catalog dataset prepared as ``array_record`` (read with
+    ``tfds.data_source`` from the cache directory), cleaned like a user's file
+    (:func:`metaflax.data.text_sources.clean_labeled`); class ids become their names."""
+    from metaflax.data import builders
+
+    source = builders.data_source(name, split)
+    records = source.__getitems__(list(range(len(source))))
+    features = source.dataset_info.features
+    missing = [f for f in (*text_features, label_feature) if f not in features]
+    if missing:
+        raise ValueError(
+            f"tfds:{name} has no feature(s) {missing}; its features are {sorted(features)}. "
+            "Name them with --config.data.text_columns / --config.data.label_column."
+        )
+    to_name = getattr(features[label_feature], "int2str", None)
+    texts = [separator.join(as_text(r[f]).strip() for f in text_features) for r in records]
+    labels = [
+        to_name(int(r[label_feature])) if to_name else as_text(r[label_feature]) for r in records
+    ]
+    return clean_labeled(texts, labels, f"tfds:{name}/{split}")
 
 
 def unlabeled_text(name: str, *, max_sentences: int | None = None, path=None) -> list[str]:

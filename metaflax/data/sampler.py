@@ -33,7 +33,7 @@ def class_split(data: LabeledTokens, classes: list[str]) -> LabeledTokens:
     if unknown:
         raise ValueError(f"unknown classes {unknown[:5]}; valid names: {data.class_names[:10]}...")
     index = {name: i for i, name in enumerate(data.class_names)}
-    old = np.array([index[c] for c in classes])
+    old = np.array([index[c] for c in classes], dtype=np.int64)
     keep = np.isin(data.labels, old)
     remap = np.full(len(data.class_names), -1)
     remap[old] = np.arange(len(classes))

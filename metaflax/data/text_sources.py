@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,29 +24,162 @@ def as_text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+class LabeledTexts(NamedTuple):
+    """Texts and their string labels as read from a file, with what reading dropped.
+
+    ``stats``: ``rows`` read, ``empty`` (empty or whitespace-only texts, dropped),
+    ``duplicates`` (repeated (text, label) rows, dropped), ``conflicts`` (distinct texts found
+    under more than one label, kept under each) and ``conflict_examples`` (up to 5 of them).
+    """
+
+    texts: list[str]
+    labels: list[str]
+    stats: dict
+
+
+def _decode(path: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}, line {line}: bytes that are not UTF-8 ({data[e.start : e.start + 4]!r}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
+def _rows(path: str) -> list[tuple[int, dict]]:
+    """``(line or row number, record)`` of a CSV / TSV / JSONL (or JSON array) / Parquet file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FILE_FORMATS:
+        raise ValueError(f"{path}: unsupported extension {ext!r}; use {', '.join(FILE_FORMATS)}.")
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid & co. for damaged files
+            raise ValueError(f"{path} is not a readable Parquet file: {e}") from None
+        return list(enumerate(table.to_pylist(), start=1))
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
+    if ext in (".csv", ".tsv"):
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ","
+        )
+        return [(reader.line_num, row) for row in reader]
+    if text.lstrip().startswith("["):  # a JSON array of objects
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg}).") from None
+    return rows
+
+
 def read_labeled_file(
-    path: str, *, text_column: str = "text", label_column: str = "label"
-) -> tuple[list[str], list[str]]:
-    """``(texts, labels)`` from a CSV, TSV or JSONL file with a text and a label column."""
+    path: str,
+    *,
+    text_columns: Sequence[str] | str = "text",
+    label_column: str = "label",
+    separator: str = " ",
+    labeled: bool = True,
+) -> LabeledTexts:
+    """The labeled texts of a CSV, TSV, JSONL (or JSON array) or Parquet file.
+
+    Several ``text_columns`` are joined with ``separator`` (e.g. ``" [SEP] "`` for a BERT
+    tokenizer). Empty or whitespace-only texts and repeated (text, label) rows are dropped and
+    counted in ``stats``; texts under several labels are counted and reported with a warning.
+    ``labeled=False`` reads texts only (labels are then ``""`` where the column is absent or
+    empty). Missing columns, a row without a label, bytes that are not UTF-8 and invalid JSON
+    are one ``ValueError`` naming the file, the line and the fix.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.csv")
+    >>> _ = open(path, "w").write("text,label\\npay my bill,pay\\npay my bill,pay\\n ,pay\\n")
+    >>> data = read_labeled_file(path)
+    >>> data.texts, data.labels, data.stats["duplicates"], data.stats["empty"]
+    (['pay my bill'], ['pay'], 1, 1)
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".csv", ".tsv"):
-            rows = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
-        elif ext in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            raise ValueError(f"{path}: unsupported extension {ext!r}; use .csv, .tsv or .jsonl.")
-    if not rows:
+    columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+    rows = _rows(path)
+    if not rows and labeled:
         raise ValueError(f"{path} has no rows.")
-    missing = [c for c in (text_column, label_column) if c not in rows[0]]
-    if missing:
+    found = sorted({k for _, r in rows for k in (r if isinstance(r, dict) else {})})
+    missing = [c for c in [*columns, *([label_column] if labeled else [])] if c not in found]
+    if rows and missing:
         raise ValueError(
-            f"{path} has no column(s) {missing}; its columns are {sorted(rows[0])}. Pass "
-            "text_column= and label_column=."
+            f"{path} has no column(s) {missing}; its columns are {found}. Name the text and "
+            "label columns (text_columns= / label_column=, in the trainer "
+            "--config.data.text_columns / --config.data.label_column)."
         )
-    return [str(r[text_column]) for r in rows], [str(r[label_column]) for r in rows]
+    texts, labels = [], []
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {line}: expected an object with named columns.")
+        absent = [c for c in columns if c not in row]
+        if absent:
+            raise ValueError(f"{path}, line {line}: no column(s) {absent} in this row.")
+        label = row.get(label_column)
+        if labeled and (label is None or not str(label).strip()):
+            raise ValueError(
+                f"{path}, line {line}: no label in column {label_column!r}; label the row or "
+                "remove it."
+            )
+        texts.append(separator.join(str(row[c]).strip() for c in columns if row[c] is not None))
+        labels.append("" if label is None else str(label).strip())
+    return clean_labeled(texts, labels, path)
+
+
+def clean_labeled(texts: Sequence[str], labels: Sequence[str], source: str = "") -> LabeledTexts:
+    """Drops empty or whitespace-only texts and repeated (text, label) pairs (the first is
+    kept, order preserved), counts texts under several labels (kept under each, with a
+    warning); what was dropped is in ``stats`` (see :class:`LabeledTexts`) and a warning.
+
+    >>> clean_labeled(["a", "a", " ", "b", "b"], ["x", "x", "x", "x", "y"]).stats["conflicts"]
+    1
+    """
+    out_texts, out_labels, seen, label_of, conflicts = [], [], set(), {}, []
+    stats = {"rows": len(texts), "empty": 0, "duplicates": 0}
+    for text, label in zip(texts, labels, strict=True):
+        if not text.strip():
+            stats["empty"] += 1
+            continue
+        if (text, label) in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add((text, label))
+        if label_of.setdefault(text, label) != label and text not in conflicts:
+            conflicts.append(text)
+        out_texts.append(text)
+        out_labels.append(label)
+    stats["conflicts"] = len(conflicts)
+    stats["conflict_examples"] = conflicts[:5]
+    where = f"{source}: " if source else ""
+    if conflicts:
+        warnings.warn(
+            f"{where}{len(conflicts)} texts appear under more than one label (kept under each), "
+            f"e.g. {conflicts[:3]}.",
+            stacklevel=2,
+        )
+    if stats["empty"] or stats["duplicates"]:
+        warnings.warn(
+            f"{where}dropped {stats['empty']} empty texts and {stats['duplicates']} duplicate "
+            "(text, label) rows.",
+            stacklevel=2,
+        )
+    return LabeledTexts(out_texts, out_labels, stats)
 
 
 def records_to_texts(records: Iterable[dict], text_key: str, label_key: str):

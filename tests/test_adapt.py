@@ -1,0 +1,123 @@
+"""The fine-tune stage: export round trip, the adapt command on files, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import adapt, checkpoints, fewshot, training
+from experiments import families as fam
+from experiments.configs import cldr as cldr_config
+from metaflax.data import cldr
+
+
+def _config(**fields):
+    config = cldr_config.get_config("runlocal")
+    config.languages.min_cldr_terms = 900
+    config.languages.num_test = 8
+    config.update(dict(num_steps=6, checkpoint_every=6, log_every=3, **fields))
+    config.eval.update(shots=(1,), num_episodes=4, val_episodes=4, chunk=4, batch=4)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = _config(methods=("meta_sgd", "multitask"))
+    fewshot.train_and_evaluate(config, str(workdir))
+    return config, workdir
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return str(path)
+
+
+def _task(languages, shots, seed=0):
+    """``shots`` terms of each language for the support set, the next 10 to label."""
+    texts, labels, names = cldr.language_id_examples(languages)
+    rng = np.random.default_rng(seed)
+    support, query = [], []
+    for c, name in enumerate(names):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        support += [(texts[i], name) for i in rows[:shots]]
+        query += [(texts[i], name) for i in rows[shots : shots + 10]]
+    return support, query
+
+
+@pytest.mark.parametrize("method", ["meta_sgd", "multitask"])
+def test_export_round_trip_equals_the_checkpoint(trained, method):
+    """Adapting from the export gives the predictions of adapting from the checkpoint."""
+    config, workdir = trained
+    clf = adapt.load(str(workdir / "export" / method))
+    family = fam.make_family(config)
+    params = training.merged_params({"cldr": family}, multitask=method == "multitask")
+    cfg = training.method_config(config, method)
+    alg = training.make_algorithm(method, family.loss_fn, family.task_init, cfg)
+    abstract = jax.eval_shape(alg.init, params)
+    mngr, state, _ = checkpoints.restore_latest(
+        str(workdir / "checkpoints" / method), abstract, keep=2
+    )
+    mngr.close()
+    restored = state.meta_params
+    if method == "multitask":
+        restored = family.to_task_params(restored)
+    for a, b in zip(jax.tree.leaves(clf.meta_params), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    support, query = _task(family.info["test_class_names"][:5], shots=2)
+    texts = [t for t, _ in query]
+    ours = adapt.predict(clf, adapt.fit(clf, *zip(*support, strict=True)), texts)
+    ckpt = clf._replace(meta_params=jax.tree.map(np.asarray, restored))
+    theirs = adapt.predict(ckpt, adapt.fit(ckpt, *zip(*support, strict=True)), texts)
+    assert ours[0] == theirs[0]
+    np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_adapt_command_labels_files(trained, tmp_path, capsys):
+    config, workdir = trained
+    languages = fam.make_family(config).info["test_class_names"]
+    for ways in (3, len(languages)):  # any number of classes, not only the trained 5
+        support, query = _task(languages[:ways], shots=5)
+        args = [
+            "--model", str(workdir / "export" / "meta_sgd"),
+            "--support", _write(tmp_path / "support.jsonl", support),
+            "--texts", _write(tmp_path / "texts.jsonl", query),
+            "--out", str(tmp_path / f"pred{ways}.jsonl"),
+        ]  # fmt: skip
+        if ways != 5:
+            with pytest.raises(ValueError, match=r"learned a 5-way head .* per-parameter"):
+                adapt.main(args)
+            args[1] = str(workdir / "export" / "multitask")
+        out = adapt.main(args)
+        rows = [json.loads(x) for x in open(tmp_path / f"pred{ways}.jsonl")]
+        assert len(rows) == len(query) == out["texts"]
+        assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+        correct = np.mean([r["label"] == y for r, (_, y) in zip(rows, query, strict=True)])
+        assert out["accuracy"] == pytest.approx(correct) and out["ci95"] > 0
+        assert out["accuracy"] > 1.5 / ways  # above chance
+    assert "accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        adapt.main(args)
+    (tmp_path / "empty.jsonl").write_text("")
+    args[args.index("--texts") + 1] = str(tmp_path / "empty.jsonl")
+    assert adapt.main([*args, "--overwrite"])["texts"] == 0
+    assert (tmp_path / f"pred{ways}.jsonl").read_text() == ""
+
+
+def test_bad_exports_name_the_fix(trained, tmp_path):
+    _, workdir = trained
+    with pytest.raises(FileNotFoundError, match="not a metaflax export"):
+        adapt.load(str(tmp_path))
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir / "export" / "meta_sgd", broken)
+    (broken / adapt.EXTRAS).write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="damaged export"):
+        adapt.load(str(broken))
+    shutil.copy(workdir / "export" / "multitask" / adapt.EXTRAS, broken / adapt.EXTRAS)
+    with pytest.raises(ValueError, match=r"inner_lr.* missing|do not fit|unknown parameters"):
+        adapt.load(str(broken))
+    assert os.path.isfile(workdir / "export" / "multitask" / adapt.SETTINGS)
