@@ -176,9 +176,8 @@ def load(path: str) -> Classifier:
     )
     model = heads.init_classifier(encoder_params, hidden, settings["ways"])
     method = settings["method"]
-    if method in ("scratch", "multitask"):
-        meta = model
-    else:
+    meta = model
+    if method in ("meta_sgd", "lslr"):  # learned inner rates beside the model
         loss_fn = heads.classification_loss_fn(encode_fn)
         meta = make_algorithm(method, loss_fn, None, config).init(model).meta_params
     flat, treedef = jax.tree_util.tree_flatten_with_path(meta)

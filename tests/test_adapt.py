@@ -22,12 +22,15 @@ def _config(**fields):
     return config
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    config = _config(methods=("meta_sgd", "multitask"))
+def test_the_fine_tune_stage(tmp_path, capsys):
+    """One tiny training run (compiles are the cost), then every check of the exports."""
+    workdir = tmp_path / "run"
+    config = _config(methods=("meta_sgd", "protonet"))
     fewshot.train_and_evaluate(config, str(workdir))
-    return config, workdir
+    for method in ("meta_sgd", "protonet"):
+        _check_round_trip(config, workdir, method)
+    _check_adapt_command(config, workdir, tmp_path, capsys)
+    _check_bad_exports(workdir, tmp_path)
 
 
 def _write(path, rows):
@@ -47,13 +50,11 @@ def _task(languages, shots, seed=0):
     return support, query
 
 
-@pytest.mark.parametrize("method", ["meta_sgd", "multitask"])
-def test_export_round_trip_equals_the_checkpoint(trained, method):
+def _check_round_trip(config, workdir, method):
     """Adapting from the export gives the predictions of adapting from the checkpoint."""
-    config, workdir = trained
     clf = adapt.load(str(workdir / "export" / method))
     family = fam.make_family(config)
-    params = training.merged_params({"cldr": family}, multitask=method == "multitask")
+    params = training.merged_params({"cldr": family})
     cfg = training.method_config(config, method)
     alg = training.make_algorithm(method, family.loss_fn, family.task_init, cfg)
     abstract = jax.eval_shape(alg.init, params)
@@ -62,8 +63,6 @@ def test_export_round_trip_equals_the_checkpoint(trained, method):
     )
     mngr.close()
     restored = state.meta_params
-    if method == "multitask":
-        restored = family.to_task_params(restored)
     for a, b in zip(jax.tree.leaves(clf.meta_params), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
     support, query = _task(family.info["test_class_names"][:5], shots=2)
@@ -75,8 +74,7 @@ def test_export_round_trip_equals_the_checkpoint(trained, method):
     np.testing.assert_array_equal(ours[1], theirs[1])
 
 
-def test_adapt_command_labels_files(trained, tmp_path, capsys):
-    config, workdir = trained
+def _check_adapt_command(config, workdir, tmp_path, capsys):
     languages = fam.make_family(config).info["test_class_names"]
     for ways in (3, len(languages)):  # any number of classes, not only the trained 5
         support, query = _task(languages[:ways], shots=5)
@@ -89,7 +87,7 @@ def test_adapt_command_labels_files(trained, tmp_path, capsys):
         if ways != 5:
             with pytest.raises(ValueError, match=r"learned a 5-way head .* per-parameter"):
                 adapt.main(args)
-            args[1] = str(workdir / "export" / "multitask")
+            args[1] = str(workdir / "export" / "protonet")
         out = adapt.main(args)
         rows = [json.loads(x) for x in open(tmp_path / f"pred{ways}.jsonl")]
         assert len(rows) == len(query) == out["texts"]
@@ -106,8 +104,7 @@ def test_adapt_command_labels_files(trained, tmp_path, capsys):
     assert (tmp_path / f"pred{ways}.jsonl").read_text() == ""
 
 
-def test_bad_exports_name_the_fix(trained, tmp_path):
-    _, workdir = trained
+def _check_bad_exports(workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a metaflax export"):
         adapt.load(str(tmp_path))
     import shutil
@@ -117,7 +114,7 @@ def test_bad_exports_name_the_fix(trained, tmp_path):
     (broken / adapt.EXTRAS).write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match="damaged export"):
         adapt.load(str(broken))
-    shutil.copy(workdir / "export" / "multitask" / adapt.EXTRAS, broken / adapt.EXTRAS)
+    shutil.copy(workdir / "export" / "protonet" / adapt.EXTRAS, broken / adapt.EXTRAS)
     with pytest.raises(ValueError, match=r"inner_lr.* missing|do not fit|unknown parameters"):
         adapt.load(str(broken))
-    assert os.path.isfile(workdir / "export" / "multitask" / adapt.SETTINGS)
+    assert os.path.isfile(workdir / "export" / "protonet" / adapt.SETTINGS)

@@ -159,9 +159,8 @@ def _trainer_config(**fields):
 
 def test_clinc150_as_a_users_file_is_the_builtin_dataset(tmp_path, monkeypatch):
     """The oracle of the file path: CLINC150 written out as JSONL, with the built-in class split
-    as a JSON file, makes the same family (episodes, floor scores, sizes) as the built-in one."""
-    import jax
-
+    as a JSON file, gives the built-in dataset's texts, labels and split, in order (what the
+    trainer builds everything else from)."""
     from experiments import families
     from metaflax.data import builders
 
@@ -178,12 +177,7 @@ def test_clinc150_as_a_users_file_is_the_builtin_dataset(tmp_path, monkeypatch):
     user.data.update(
         text_columns=("utterance",), label_column="intent", class_split=str(tmp_path / "split.json")
     )
-    a, b = families.make_family(config), families.make_family(user)
-    assert a.info == b.info
-    for x, y in zip(*(jax.tree.leaves(f.meta_batch(0, 3, 2)) for f in (a, b)), strict=True):
-        np.testing.assert_array_equal(x, y)
-    floor = [f.classes.centroid_evaluate(1, config)["accuracy"] for f in (a, b)]
-    np.testing.assert_array_equal(*floor)
+    assert families.sources.labeled_texts(user) == builtin
     assert families.source_name(path) == "clinc"
 
 
