@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 import metaflax as mf
+from experiments import workdir as wd
 from experiments.evaluation import make_test_adapt
 from experiments.families.common import make_encoder
 from experiments.training import FINE_TUNED, make_algorithm
@@ -114,8 +115,7 @@ def export(
         "test_lr": {str(k): float(v) for k, v in (test_lr or {}).items()},
         "chars": chars,
     }
-    with open(os.path.join(path, SETTINGS), "w") as f:
-        json.dump(settings, f, indent=1)
+    wd.write_json(os.path.join(path, SETTINGS), settings, indent=1)
 
 
 class Classifier(NamedTuple):

@@ -31,11 +31,17 @@ def save(mngr, step: int, state, meta: dict) -> None:
     )
 
 
-def restore_latest(directory: str, abstract_state, keep: int):
+class ForeignCheckpoint(ValueError):
+    """A checkpoint written by a run of another config."""
+
+
+def restore_latest(directory: str, abstract_state, keep: int, fingerprint: str | None = None):
     """``(mngr, state, meta)`` from the newest checkpoint that restores and is finite.
 
     A corrupted or half-written step is reported and moved aside to ``<directory>.corrupt/``
     (nothing is deleted), and the previous step is tried. ``state`` is None when there is none.
+    A checkpoint whose metadata names another config ``fingerprint``
+    (:func:`experiments.workdir.fingerprint`) is an error, not damage.
     """
     import orbax.checkpoint as ocp
 
@@ -49,6 +55,12 @@ def restore_latest(directory: str, abstract_state, keep: int):
                 ),
             )
             state, meta = restored["state"], restored["meta"]
+            theirs = (meta or {}).get("fingerprint")
+            if fingerprint and theirs and theirs != fingerprint:
+                raise ForeignCheckpoint(
+                    f"checkpoint step {step} in {directory} was written by another config "
+                    f"(fingerprint {theirs}, this run's {fingerprint}); use another workdir."
+                )
             leaves = jax.tree.leaves(state)
             if (
                 meta is None
@@ -61,6 +73,9 @@ def restore_latest(directory: str, abstract_state, keep: int):
             ):
                 raise ValueError("metadata missing or mismatched, or non-finite parameters")
             return mngr, state, meta
+        except ForeignCheckpoint:
+            mngr.close()
+            raise
         except Exception as e:  # orbax raises assorted errors for damaged steps
             aside = os.path.join(directory + ".corrupt", f"{step}-{int(time.time())}")
             print(

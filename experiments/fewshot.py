@@ -19,6 +19,7 @@ methods are not retrained.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -29,6 +30,7 @@ from ml_collections import config_flags
 
 from experiments import evaluation, report, training
 from experiments import families as fam
+from experiments import workdir as wd
 from experiments.families import CLASSIFICATION
 from metaflax.data import text_sources
 
@@ -41,11 +43,24 @@ def check_config(config) -> None:
     fam.check_config(config)
     for method in config.methods:
         cfg = training.method_config(config, method)
+        positive = ["log_every", "checkpoint_every", "meta_batch_size", "eval.num_episodes"]
+        if method not in ("scratch", *training.CENTROIDS):  # these train nothing
+            positive.insert(0, "num_steps")
+        for field in positive:
+            value = functools.reduce(getattr, field.split("."), cfg)
+            if value < 1:
+                raise ValueError(f"{method}: {field}={value}; it must be at least 1.")
         if cfg.eval.report_steps not in cfg.eval.steps:
             raise ValueError(
                 f"{method}: eval.report_steps={cfg.eval.report_steps} is not one of eval.steps="
                 f"{tuple(cfg.eval.steps)}; add it there (the table reports that column)."
             )
+    both = set(config.clinc.val_domains) & set(config.clinc.test_domains)
+    if both:
+        raise ValueError(
+            f"clinc.val_domains and clinc.test_domains share {sorted(both)}: validation "
+            "classes must not be test classes; take them out of one of the two."
+        )
     classifiers = {"protonet", "anil", *training.CENTROIDS} & set(config.methods)
     if not fam.is_classification(config.dataset) and classifiers:  # mixed runs too
         raise ValueError(
@@ -70,12 +85,21 @@ def check_config(config) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains every configured method, evaluates it on held-out tasks, writes the reports."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+) -> dict:
+    """Trains every configured method, evaluates it on held-out tasks, writes the reports.
+
+    The workdir belongs to this config (:func:`experiments.workdir.claim`): a rerun resumes, a
+    different config is refused unless ``overwrite``, which starts over.
+    """
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    with wd.claim(workdir, config, overwrite):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    wd.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
     if config.dataset == "mixed":
         families = fam.mixed_families(config)
     else:
@@ -86,8 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     for family in families.values():
         if "class_split" in family.info:  # reproducible from the config; written to be read
-            with open(os.path.join(workdir, "class_split.json"), "w") as f:
-                json.dump(family.info["class_split"], f, indent=1)
+            wd.write_json(
+                os.path.join(workdir, "class_split.json"), family.info["class_split"], indent=1
+            )
             cut = ", ".join(f"{k} {100 * v:.1f}%" for k, v in family.info["cut_at_max_len"].items())
             print(f"texts longer than max_len={config.max_len} tokens (cut): {cut}")
     results = {
@@ -97,13 +122,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     for method in config.methods:
         done = os.path.join(workdir, "methods", f"{method}.json")
-        if os.path.exists(done):  # finished in an earlier run of the same command
+        if os.path.exists(done):  # finished in an earlier run of the same config
             with open(done) as f:
                 results["methods"][method] = json.load(f)
             continue
         cfg = training.method_config(config, method)
         params, curve, seconds = training.train_method(method, cfg, families, workdir)
         entry = {
+            "fingerprint": wd.fingerprint(config),
             "train_seconds": seconds,
             "train_curve": curve,
             "report_steps": cfg.eval.report_steps,
@@ -121,20 +147,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trained = family.to_task_params(params) if method in training.BASELINES else params
                 path = os.path.join(workdir, "export", method)
                 family.classes.export(path, method, trained, cfg, lrs)
-        os.makedirs(os.path.dirname(done), exist_ok=True)
-        with open(done, "w") as f:
-            json.dump(entry, f)
+        wd.write_json(done, entry)
         results["methods"][method] = entry
 
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    wd.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     tables = [
         (f"### {name}\n\n" if len(families) > 1 else "")
         + report.results_table(results, config, name, family.metrics[0])
         for name, family in families.items()
     ]
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("\n\n".join(tables) + "\n")
+    wd.write_text(os.path.join(workdir, "results.md"), "\n\n".join(tables) + "\n")
     report.plot(results, config, {n: f.metrics[0] for n, f in families.items()}, workdir)
     print("\n\n".join(tables))
     print(f"\nwrote results.json, results.md and PNG plots to {workdir}")
@@ -150,10 +172,13 @@ def _flags():
     workdir = flags.DEFINE_string(
         "workdir", None, "Outputs and checkpoints (default workdirs/<name>)."
     )
-    return config, workdir
+    overwrite = flags.DEFINE_bool(
+        "overwrite", False, "Delete what an earlier run wrote in the workdir and start over."
+    )
+    return config, workdir, overwrite
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+def main(config: ml_collections.ConfigDict, workdir: str | None, overwrite: bool = False) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     warnings.filterwarnings("ignore", message=".*examples and are excluded.*")  # the sampler's
     if workdir is None:  # a user's data gets a workdir of its own
@@ -161,9 +186,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | None) -> None:
         workdir = os.path.join(
             "workdirs", config.name + ("" if name == config.dataset else "_" + name)
         )
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir, overwrite)
 
 
 if __name__ == "__main__":
-    config_flag, workdir_flag = _flags()
-    app.run(lambda argv: main(config_flag.value, workdir_flag.value))
+    config_flag, workdir_flag, overwrite_flag = _flags()
+    app.run(lambda argv: main(config_flag.value, workdir_flag.value, overwrite_flag.value))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 import metaflax as mf
 from experiments import checkpoints
+from experiments import workdir as wd
 from experiments.configs.common import with_fields
 from experiments.families import Family
 
@@ -106,8 +107,9 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
         unit, per_step = "tasks", cfg.meta_batch_size
 
     ckpt_dir = os.path.join(workdir, "checkpoints", method)
+    fingerprint = wd.fingerprint(cfg)
     mngr, state, meta = checkpoints.restore_latest(
-        ckpt_dir, jax.eval_shape(init, params), cfg.checkpoints_to_keep
+        ckpt_dir, jax.eval_shape(init, params), cfg.checkpoints_to_keep, fingerprint
     )
     if state is None:
         state, meta = init(params), {"step": 0, "curve": [], "seconds": 0.0}
@@ -151,6 +153,7 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
                 bar.update(step - bar.n)
             if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
                 meta = {
+                    "fingerprint": fingerprint,
                     "step": step,
                     "curve": curve,
                     "seconds": seconds + time.perf_counter() - start,

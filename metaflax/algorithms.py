@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from metaflax.core import (
     Episode,
@@ -56,7 +58,7 @@ class MetaAlgorithm(NamedTuple):
         ``outer_tx``; a non-finite loss or gradient leaves the state unchanged.
       adapt: ``adapt(meta_params, support, key, num_steps=None) -> (adapted_params,
         inner_losses)`` for one task (no task axis): few-shot adaptation at evaluation time,
-        optionally with a different number of inner steps than in training. (Its ``shared=``
+        optionally with a different number of inner steps (>= 1) than in training. (Its ``shared=``
         argument is how meta-training passes the unmapped meta-parameters; see
         :func:`make_adapt_fn`.)
       model_params: ``model_params(meta_params) -> params``: the model's parameters inside the
@@ -221,11 +223,17 @@ def scale_by_per_step_lr(inner_lr: PyTree) -> optax.GradientTransformation:
 # The MAML family: differentiate the query loss through the inner loop.
 
 
+def _check_tx(name: str, tx: Any) -> None:
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"{name} must be an optax.GradientTransformation (e.g. optax.sgd(0.01)), got {tx!r}."
+        )
+
+
 def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> None:
     if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
         raise ValueError(f"num_inner_steps={num_inner_steps!r} must be an int >= 1.")
-    if not isinstance(outer_tx, optax.GradientTransformation):
-        raise TypeError(f"outer_tx must be an optax.GradientTransformation, got {outer_tx!r}.")
+    _check_tx("outer_tx", outer_tx)
     map_tasks(lambda x: x, task_map)  # validates task_map
 
 
@@ -249,10 +257,30 @@ def _adapt_tasks(
             loss, metrics = loss_fn(adapted, episode.query, query_key)
             return adapted, loss, metrics, inner_losses
 
+        sharded = _explicit_task_sharding(episodes)
+        if sharded is not None and task_map != "vmap":
+            raise ValueError(
+                f"task_map={task_map!r} runs the tasks one after another, which cannot run over "
+                f"a [tasks] axis sharded over the Explicit mesh axis {sharded.spec[0]!r}; use "
+                "task_map='vmap', or a mesh with Auto axes (mf.sharding.make_mesh)."
+            )
         keys = task_keys(key, num_tasks)
+        if sharded is not None:  # vmap needs every mapped input sharded alike
+            keys = jax.sharding.reshard(keys, sharded)
         if task_map == "vmap" and differentiated:
-            per_task = broadcast_to_tasks(meta_params, num_tasks)
-            out = jax.vmap(lambda p, e, k: one_task(p, e, k, shared=meta_params))(
+            shared = meta_params
+            if sharded is None:
+                per_task = broadcast_to_tasks(meta_params, num_tasks)
+            else:  # a plain broadcast, whose gradient is a sum over the sharded axis; and no
+                # shared first step (its gradient would contract over the sharded axis)
+                per_task = jax.tree.map(
+                    lambda p: jax.sharding.reshard(
+                        jnp.broadcast_to(p, (num_tasks, *p.shape)), sharded
+                    ),
+                    meta_params,
+                )
+                shared = None
+            out = jax.vmap(lambda p, e, k: one_task(p, e, k, shared=shared))(
                 per_task, episodes, keys
             )
         else:  # one copy of the meta-parameters, closed over
@@ -261,6 +289,17 @@ def _adapt_tasks(
         return adapted, _task_metrics(losses, metrics, inner_losses)
 
     return adapt_tasks
+
+
+def _explicit_task_sharding(episodes):
+    """How the episodes' ``[tasks]`` axis is sharded on a mesh with Explicit axes
+    (``jax.make_mesh``'s default): a ``NamedSharding`` over that axis, for per-task arrays; None
+    on one device, on Auto axes, or when the axis is not sharded."""
+    sharding = getattr(jax.typeof(jax.tree.leaves(episodes)[0]), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return None
+    return NamedSharding(sharding.mesh, P(spec[0]))
 
 
 def _query_loss_after(
@@ -314,7 +353,7 @@ def _maml_family(
         fn = make_adapt_fn(
             loss_fn,
             inner_tx,
-            num_steps or num_inner_steps,
+            num_inner_steps if num_steps is None else num_steps,
             first_order=first_order,
             remat=remat,
             task_init=task_init,
@@ -373,6 +412,7 @@ def maml(
     >>> int(state.step)
     1
     """
+    _check_tx("inner_tx", inner_tx)
     masked = adapt_only(inner_tx, adapt_mask)
     return _maml_family(
         loss_fn,
@@ -404,6 +444,8 @@ def _learned_lr(
 ) -> MetaAlgorithm:
     if not math.isfinite(init_lr) or init_lr <= 0:
         raise ValueError(f"init_lr={init_lr} must be a positive finite learning rate.")
+    if inner_tx is not None:
+        _check_tx("inner_tx", inner_tx)
 
     def init_meta(params):
         inner_lr = jax.tree.map(lambda p: jnp.full(lr_shape(p), init_lr, p.dtype), params)
@@ -541,12 +583,17 @@ def reptile(
     1.0
     """
     _check_common(num_inner_steps, outer_tx, task_map)
+    _check_tx("inner_tx", inner_tx)
     masked = adapt_only(inner_tx, adapt_mask)
 
     def adapt(meta_params, support, key, num_steps=None, shared=None):
         del shared  # never given: Reptile's tasks close over the meta-parameters
         fn = make_adapt_fn(
-            loss_fn, masked, num_steps or num_inner_steps, first_order=True, task_init=task_init
+            loss_fn,
+            masked,
+            num_inner_steps if num_steps is None else num_steps,
+            first_order=True,
+            task_init=task_init,
         )
         return fn(meta_params, support, key)
 
@@ -713,5 +760,6 @@ def check_finite(metrics: dict) -> None:
             "skipped and the state before it is kept. If the loss is finite, a common cause is "
             "differentiating through optax.adam: pass eps_root=1e-8 so sqrt(v) has a finite "
             "derivative at v=0. Otherwise lower the inner/outer learning rates or clip the inner "
-            "gradients (optax.clip_by_global_norm)."
+            "gradients (optax.clip_by_global_norm). Class labels outside [0, ways) also give "
+            "a NaN loss in metaflax.heads.classification_loss_fn."
         )

@@ -52,6 +52,9 @@ class BertConfig:
     pre_ln: bool = False
     compute_dtype: str = "float32"
     remat: bool = False
+    # False where the checkpoint loaded had no pooler (e.g. BertForMaskedLM): the pooler is a
+    # fresh initialisation, which save_pretrained warns about
+    pretrained_pooler: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -289,6 +292,17 @@ def params_from_hf(
     absent from the checkpoint (kept at their initial values, as transformers does).
     """
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    layers = {
+        int(m.group(1))
+        for k in tensors
+        if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k))
+    }
+    if layers and max(layers) >= cfg.num_hidden_layers:
+        raise ValueError(
+            f"the checkpoint has {max(layers) + 1} encoder layers but the config "
+            f"num_hidden_layers={cfg.num_hidden_layers}; config.json does not match "
+            "model.safetensors (layers would be dropped)."
+        )
     params = jax.tree.map(np.asarray, init_params)
     missing = []
     for name, (path, transpose) in _hf_names(cfg).items():
@@ -336,6 +350,11 @@ def _resolve(path: str) -> str:
     if os.path.isdir(path):
         return path
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not os.path.exists(path):
+        warnings.warn(
+            f"{path!r} is not a local directory: fetching it from the Hugging Face Hub (pass "
+            "an existing directory to load a local model).",
+            stacklevel=3,
+        )
         try:
             import huggingface_hub
 
@@ -387,6 +406,7 @@ def from_pretrained(path: str, *, seed: int = 0, **overrides) -> Pretrained:
     if missing:
         msg = f"{path}: no {', '.join(missing)} in the checkpoint; newly initialised."
         warnings.warn(msg, stacklevel=2)
+        cfg = dataclasses.replace(cfg, pretrained_pooler=False)  # only the pooler may be missing
     nnx.update(encoder, nnx.State(params))
     tokenizer = None
     if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt")):
@@ -405,12 +425,28 @@ def check_tokenizer(tokenizer, cfg: BertConfig) -> None:
         )
 
 
-def save_pretrained(path: str, params: dict, cfg: BertConfig, tokenizer=None) -> None:
+def save_pretrained(path: str, params, cfg: BertConfig, tokenizer=None) -> None:
     """Writes ``config.json`` + ``model.safetensors`` (+ the tokenizer) for transformers.
 
-    ``transformers.BertModel.from_pretrained(path)`` then loads the encoder unchanged.
+    ``params``: the encoder's parameters (a pure dict, as trained) or a :class:`BertEncoder`
+    (as :func:`from_pretrained` returns it). ``transformers.BertModel.from_pretrained(path)``
+    then loads the encoder unchanged.
     """
     from safetensors.numpy import save_file
+
+    if isinstance(params, BertEncoder):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    elif not isinstance(params, dict):
+        raise TypeError(
+            f"params must be the encoder's parameter dict or a BertEncoder, got "
+            f"{type(params).__name__} (for from_pretrained's result pass .encoder)."
+        )
+    if not cfg.pretrained_pooler:
+        warnings.warn(
+            "the checkpoint this encoder was loaded from had no pooler: the exported pooler is "
+            "a fresh initialisation, unless it was trained since (pool='cls').",
+            stacklevel=2,
+        )
 
     hf_config = cfg.to_hf()
     os.makedirs(path, exist_ok=True)

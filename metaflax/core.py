@@ -261,7 +261,10 @@ def check_episodes(episodes: Episode) -> int:
             f"differ ({listing}). Did you pass a single episode? Add a task axis with "
             "jax.tree.map(lambda x: x[None], episode)."
         )
-    return next(iter(sizes.values()))
+    num_tasks = next(iter(sizes.values()))
+    if num_tasks == 0:
+        raise ValueError("the meta-batch has 0 tasks; pass at least one episode.")
+    return num_tasks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

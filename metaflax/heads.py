@@ -41,11 +41,12 @@ def inverse_document_frequency(tokens, mask, vocab_size: int) -> np.ndarray:
     """``log((n + 1) / (df + 1))`` per token id over the ``n`` rows of ``tokens`` ``[n, t]``
     (``df``: the rows it occurs in, among the ``mask``-ed positions); ids never seen get the
     largest value."""
-    tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
-    rows = np.broadcast_to(np.arange(len(tokens))[:, None], tokens.shape)
-    pairs = np.unique(rows[mask].astype(np.int64) * vocab_size + tokens[mask])  # (row, id) once
-    df = np.bincount(pairs % vocab_size, minlength=vocab_size)
-    return np.log((len(tokens) + 1) / (df + 1)).astype(np.float32)
+    ids = np.where(np.asarray(mask, bool), np.asarray(tokens), -1).astype(np.int64)
+    ids.sort(axis=1)  # each row's ids once: the first of each run of equal ids
+    first = np.ones(ids.shape, bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    df = np.bincount(ids[first & (ids >= 0)], minlength=vocab_size)
+    return np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
 
 
 def ngram_codes(tokens, mask, n: int = 1, buckets: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -121,9 +122,29 @@ def with_bag_of_words(
     return encode, {"encoder": encoder_params, "bow": bow}
 
 
+def _check_labels(labels, ways: int) -> None:
+    """Integer labels in ``[0, ways)``: checked at trace time (dtype) and, where the labels are
+    concrete (not traced), by value. Traced labels out of range give a NaN loss (never a wrapped
+    or clipped class), which ``step`` skips and :func:`metaflax.check_finite` reports."""
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(
+            f"labels must be integer class ids in [0, {ways}), got dtype "
+            f"{jnp.result_type(labels)}; convert them (e.g. labels.astype(jnp.int32))."
+        )
+    if not isinstance(labels, jax.core.Tracer):
+        values = np.asarray(labels)
+        bad = values[(values < 0) | (values >= ways)]
+        if bad.size:
+            raise ValueError(
+                f"labels must be in [0, {ways}) (the head has {ways} classes), got "
+                f"{sorted(set(bad.tolist()))[:5]}; number the classes 0..{ways - 1}."
+            )
+
+
 def _cross_entropy(logits, labels, weights):
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
-    nll = -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0]
+    nll = -jnp.take_along_axis(logp, labels[:, None], 1, mode="clip")[:, 0]
+    nll = jnp.where((labels >= 0) & (labels < logits.shape[-1]), nll, jnp.nan)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -142,6 +163,7 @@ def classification_loss_fn(encode_fn: EncodeFn) -> Callable:
     def loss_fn(params, batch, key):
         del key
         logits = classifier_logits(encode_fn, params, batch["tokens"], batch["mask"])
+        _check_labels(batch["label"], logits.shape[-1])
         weights = batch.get("weight", jnp.ones(logits.shape[:1], logits.dtype))
         loss = _cross_entropy(logits, batch["label"], weights)
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(logits.dtype)

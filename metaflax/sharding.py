@@ -149,6 +149,8 @@ def shard(alg: MetaAlgorithm, mesh: Mesh, params: PyTree, *, mode: str = "jit"):
 
     def per_task_keys(key, episodes):
         keys = jax.random.split(key, check_episodes(episodes))
+        if mesh.axis_types[mesh.axis_names.index(TASKS)] == AxisType.Explicit:
+            return jax.sharding.reshard(keys, keys_sh)
         return jax.lax.with_sharding_constraint(keys, keys_sh)
 
     if mode == "jit":

@@ -1,5 +1,14 @@
+import os
+
 import jax
 import pytest
+
+# The real datasets, found as a user's run finds them (METAFLAX_DATA_DIR, else the checksummed
+# download into the cache, which fails at once naming METAFLAX_DATA_DIR where there is no
+# internet), with ../shared/data beside the checkout as the default data directory.
+_SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+if not os.environ.get("METAFLAX_DATA_DIR") and os.path.isdir(_SHARED):
+    os.environ["METAFLAX_DATA_DIR"] = os.path.normpath(_SHARED)
 
 # Strict numerics everywhere in the suite: silent broadcasting of mismatched ranks is an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")

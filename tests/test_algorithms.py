@@ -136,9 +136,17 @@ def test_errors_name_the_fix():
         mf.maml(loss_fn, num_inner_steps=1, task_map="pmap", **kw)
     with pytest.raises(ValueError, match="init_lr"):
         mf.meta_sgd(loss_fn, outer_tx=optax.sgd(0.1), num_inner_steps=1, init_lr=-1.0)
+    for factory in (mf.maml, mf.reptile):
+        with pytest.raises(TypeError, match=r"inner_tx must be an optax\.GradientTransformation"):
+            factory(loss_fn, inner_tx=0.1, outer_tx=optax.sgd(0.1), num_inner_steps=1)
     alg = mf.maml(loss_fn, num_inner_steps=1, **kw)
     key = jax.random.key(0)
     state = alg.init(params)
+    support = jax.tree.map(lambda x: x[0], episodes.support)
+    with pytest.raises(ValueError, match="num_steps=0 must be >= 1"):  # not the trained 1
+        alg.adapt(params, support, key, num_steps=0)
+    with pytest.raises(ValueError, match="0 tasks; pass at least one episode"):
+        alg.step(state, jax.tree.map(lambda x: x[:0], episodes), key)
     with pytest.raises(ValueError, match="same pytree structure"):
         alg.step(state, mf.Episode(episodes.support, {"x": episodes.query["x"]}), key)
     single = jax.tree.map(lambda x: x[0, :3], episodes)  # no task axis: leading dims 3 vs 3

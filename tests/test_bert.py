@@ -115,6 +115,14 @@ def test_import_from_a_model_with_heads(tmp_path):
             token_type_ids=torch.tensor(types),
         ).last_hidden_state.numpy()
     np.testing.assert_allclose(seq, ref, atol=1e-4, rtol=0)
+    # Its pooler is a fresh initialisation: exporting says so; the module itself is accepted.
+    assert not loaded.config.pretrained_pooler
+    with pytest.warns(UserWarning, match="had no pooler: the exported pooler is a fresh"):
+        bert.save_pretrained(str(tmp_path / "out"), loaded.encoder, loaded.config)
+    with pytest.raises(TypeError, match=r"got Pretrained \(for from_pretrained's result pass"):
+        bert.save_pretrained(str(tmp_path / "out"), loaded, loaded.config)
+    exported = transformers.BertModel.from_pretrained(str(tmp_path / "out")).eval()
+    np.testing.assert_allclose(_torch_outputs(exported, ids, mask, types)[0], ref, atol=1e-6)
 
 
 def test_second_order_maml_through_the_encoder(x64):
@@ -167,6 +175,11 @@ def test_errors_name_the_file_and_tensor(tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"encoder.layer.0.intermediate.dense.weight has shape"):
         bert.from_pretrained(str(tmp_path / "ok"))
+    cfg["intermediate_size"] = CFG.intermediate_size
+    cfg["num_hidden_layers"] = CFG.num_hidden_layers - 1  # the checkpoint has one more
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"has 2 encoder layers but the config num_hidden_l"):
+        bert.from_pretrained(str(tmp_path / "ok"))
     cfg["model_type"] = "roberta"
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture model_type='roberta'"):
@@ -174,7 +187,10 @@ def test_errors_name_the_file_and_tensor(tmp_path):
     (tmp_path / "ok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         bert.from_pretrained(str(tmp_path / "ok"))
-    with pytest.raises(FileNotFoundError, match="not a local directory"):
+    with (
+        pytest.warns(UserWarning, match="not a local directory: fetching it from the Hugging"),
+        pytest.raises(FileNotFoundError, match="not a local directory"),
+    ):
         bert.from_pretrained("no-such-org/no-such-model-xyz")
     vocab = {f"w{i}": i for i in range(120)}
     tok = transformers.PreTrainedTokenizerFast(

@@ -1,4 +1,5 @@
-"""TFDS builders (without TensorFlow) on the real files in ../shared/data; text sources."""
+"""TFDS builders (without TensorFlow) on the real source files (tests/conftest.py says where
+they come from); text sources."""
 
 import json
 import os
@@ -9,11 +10,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from metaflax.data import builders, episode_sampler, text_sources
-
-# The real datasets: METAFLAX_DATA_DIR, else ../shared/data beside the checkout.
-SHARED = os.environ.get("METAFLAX_DATA_DIR") or os.path.normpath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +24,7 @@ def cache(tmp_path_factory):
 
 
 def test_clinc150_builder_parses_the_real_file(cache):
-    assert os.path.isdir(SHARED), f"the shared datasets are expected at {SHARED}"
-    splits = {
-        s: builders.data_source("clinc150", s, source_dir=SHARED) for s in ("train", "val", "test")
-    }
+    splits = {s: builders.data_source("clinc150", s) for s in ("train", "val", "test")}
     assert {s: len(v) for s, v in splits.items()} == {"train": 15000, "val": 3000, "test": 4500}
     texts, domains = text_sources.records_to_texts(
         (splits["train"][i] for i in range(len(splits["train"]))), "text", "domain"
@@ -42,13 +35,13 @@ def test_clinc150_builder_parses_the_real_file(cache):
     assert len(set(domains)) == 10 and len(set(intents)) == 150
     by_domain = text_sources.classes_by_group(intents, domains)  # split intents by domain
     assert len(by_domain) == 10 and all(len(v) == 15 for v in by_domain.values())
-    with open(os.path.join(SHARED, "clinc150", "data_full.json")) as f:
+    with open(builders.source_files("clinc150", names=["data_full.json"])["data_full.json"]) as f:
         upstream = json.load(f)["train"]  # TFDS shuffles the order; the rows are the real ones
     assert sorted(zip(texts, intents, strict=True)) == sorted(map(tuple, upstream))
 
 
 def test_huffpost_builder_and_bao_split(cache):
-    source = builders.data_source("huffpost", "train", source_dir=SHARED)
+    source = builders.data_source("huffpost", "train")
     labels = np.array([source[i]["label"] for i in range(len(source))])
     assert len(source) == 36900 and np.bincount(labels).tolist() == [900] * 41
     split = builders.HUFFPOST_CLASS_SPLIT
@@ -59,13 +52,37 @@ def test_missing_and_corrupt_sources_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"clinc150/data_full\.json is missing: download"):
         builders.source_files("clinc150", source_dir=str(tmp_path))
     (tmp_path / "huffpost").mkdir()
-    shutil.copy(os.path.join(SHARED, "huffpost", "huffpost.json"), tmp_path / "huffpost")
+    shutil.copy(builders.source_files("huffpost")["huffpost.json"], tmp_path / "huffpost")
     with open(tmp_path / "huffpost" / "huffpost.json", "a") as f:
         f.write("\n")
     with pytest.raises(ValueError, match=r"SHA-256 mismatch for huffpost/huffpost\.json"):
         builders.source_files("huffpost", source_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         builders.data_source("nope", "train")
+
+
+def test_offline_without_a_data_directory_fails_at_once(tmp_path, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("METAFLAX_DATA_DIR")
+    monkeypatch.setenv("METAFLAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(builders.socket, "create_connection", unreachable)
+    with pytest.raises(ConnectionError, match=r"cannot reach .* point METAFLAX_DATA_DIR"):
+        builders.records("huffpost", "train")
+    assert not list(tmp_path.rglob("*.array_record*"))
+
+
+def test_a_damaged_prepared_cache_is_rebuilt(cache):
+    records = builders.records("huffpost", "train")
+    prepared = builders.BUILDERS["huffpost"]().data_dir
+    (shard,) = [f for f in os.listdir(prepared) if ".array_record" in f]
+    with open(os.path.join(prepared, shard), "r+b") as f:
+        f.truncate(100_000)  # a copy or a disk that stopped half way
+    builders.records.cache_clear()
+    with pytest.warns(UserWarning, match=rf"prepared files of huffpost in {prepared} are damaged"):
+        again = builders.records("huffpost", "train")
+    assert again == records
 
 
 def test_catalog_datasets_use_the_same_adapter():
@@ -120,18 +137,18 @@ def test_wordpiece_training_is_deterministic_and_decodes_words_whole():
 
 
 def test_fewrel_tatoeba_xquad_and_unlabeled_builders(cache):
-    wiki = builders.data_source("fewrel", "wiki", source_dir=SHARED)
+    wiki = builders.data_source("fewrel", "wiki")
     assert len(wiki) == 16 * 700
     row = wiki[0]
     tokens = [t.decode() for t in row["tokens"]]
     assert 0 <= row["head"][0] <= row["head"][1] < len(tokens)
-    tatoeba = builders.data_source("tatoeba", "train", source_dir=SHARED)
+    tatoeba = builders.data_source("tatoeba", "train")
     assert len(tatoeba) == 88877  # 112 languages paired with English
-    xquad = builders.data_source("xquad", "test", source_dir=SHARED)
+    xquad = builders.data_source("xquad", "test")
     assert len(xquad) == 12 * 1190
     for i in range(0, len(xquad), 997):  # answers sit at their character offsets
         r = xquad[i]
         context, answer = r["context"].decode(), r["answer_text"].decode()
         assert context[r["answer_start"] : r["answer_start"] + len(answer)] == answer
-    shakespeare = builders.data_source("unlabeled_text", "shakespeare", source_dir=SHARED)
+    shakespeare = builders.data_source("unlabeled_text", "shakespeare")
     assert len(shakespeare) > 30_000 and shakespeare[0]["text"]

@@ -1,16 +1,9 @@
 """Translation and self-supervised (SMLMT) task samplers."""
 
-import os
-
 import numpy as np
 import pytest
 
-from metaflax.data import CharVocab, cldr, families, text_sources
-
-SHARED = os.environ.get("METAFLAX_DATA_DIR") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data"
-)
-WIKI = os.path.join(SHARED, "clinc150", "all_wiki_sents.txt")
+from metaflax.data import CharVocab, builders, cldr, families, text_sources
 
 
 def test_translation_tasks_pair_the_same_key():
@@ -36,7 +29,8 @@ def test_translation_tasks_pair_the_same_key():
 
 
 def test_smlmt_masks_the_label_word():
-    lines = [line.strip() for line in open(WIKI) if line.strip()][:3000]
+    wiki = builders.source_files("clinc150", names=["all_wiki_sents.txt"])["all_wiki_sents.txt"]
+    lines = [line.strip() for line in open(wiki) if line.strip()][:3000]
     tok = text_sources.train_wordpiece(lines, vocab_size=2000)
     sampler = families.smlmt_sampler(lines, tok, ways=3, shots=2, queries=2, max_len=48)
     ep = sampler.episode(0, 0)
@@ -52,10 +46,9 @@ def test_smlmt_masks_the_label_word():
 
 
 def test_qa_spans_map_back_to_the_answer_text(tmp_path, monkeypatch):
-    from metaflax.data import builders
 
     monkeypatch.setenv("METAFLAX_CACHE_DIR", str(tmp_path))
-    source = builders.data_source("xquad", "test", source_dir=SHARED)
+    source = builders.data_source("xquad", "test")
     examples = []
     for i in range(len(source)):
         r = source[i]

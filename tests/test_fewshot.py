@@ -217,6 +217,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         ({"model": {"pool": "max"}}, r"model.pool='max'; valid: 'cls', 'mean', 'mean\+bow'"),
         ({"dataset": "xquad", "methods": ("maml",), "model": {"pool": "mean+bow"}}, "single class"),
         ({"methods": ("idf_centroid",)}, r"idf_centroid weights single tokens: it needs ngram=1"),
+        ({"num_steps": 0}, r"maml: num_steps=0; it must be at least 1"),
+        ({"checkpoint_every": 0}, r"maml: checkpoint_every=0; it must be at least 1"),
+        ({"meta_batch_size": 0}, r"maml: meta_batch_size=0; it must be at least 1"),
+        ({"clinc": {"val_domains": ("travel",)}}, r"share \['travel'\]: validation classes"),
     ],
 )
 def test_bad_configs_name_the_fix(tmp_path, overrides, message):
@@ -228,8 +232,6 @@ def test_mixed_families_share_one_encoder(tmp_path, monkeypatch):
     """Classification, QA and translation tasks in one run: every family trains the encoder."""
     from experiments.configs import mixed
 
-    shared = os.environ.get("METAFLAX_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
-    monkeypatch.setenv("METAFLAX_DATA_DIR", shared)
     config = mixed.get_config("runlocal")
     config.methods = ("fomaml",)
     config.num_steps = 6

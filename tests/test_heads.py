@@ -69,6 +69,29 @@ def test_proto_head_is_the_nearest_prototype_classifier():
         heads.classifier_task_init(encode, "protos", 3)
 
 
+def test_labels_outside_the_classes_are_an_error_or_nan_never_another_class():
+    encode, enc = _encoder()
+    params = heads.init_classifier(enc, 32, 3)
+    loss_fn = heads.classification_loss_fn(encode)
+    batch = _batch()
+    for label in (3, -1):
+        bad = {**batch, "label": batch["label"].at[0].set(label)}
+        with pytest.raises(ValueError, match=rf"in \[0, 3\) .* got \[{label}\]; number"):
+            loss_fn(params, bad, None)
+        assert np.isnan(jax.jit(loss_fn)(params, bad, None)[0])  # traced: NaN, not wrapped
+    with pytest.raises(TypeError, match=r"integer class ids .* float32; convert"):
+        loss_fn(params, {**batch, "label": batch["label"].astype(jnp.float32)}, None)
+    np.testing.assert_allclose(  # in range: the cross-entropy, by hand
+        loss_fn(params, batch, None)[0],
+        -jnp.mean(
+            jax.nn.log_softmax(
+                heads.classifier_logits(encode, params, batch["tokens"], batch["mask"])
+            )[jnp.arange(6), batch["label"]]
+        ),
+        rtol=1e-6,
+    )
+
+
 def _proto_maml(encode):
     """One-step Proto-MAML on ``encode`` and a meta-batch of two 3-way episodes."""
     alg = mf.maml(

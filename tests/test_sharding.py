@@ -7,10 +7,13 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from helpers import ALGORITHMS, make_algorithm, sinusoid_setup, tree_allclose
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import metaflax as mf
 from metaflax import sharding
 
 NUM_STEPS = 3
@@ -45,6 +48,38 @@ def test_task_sharded_step_equals_single_device(name, mode):
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     for leaf in jax.tree.leaves(state):
         assert leaf.sharding.spec == P() and leaf.sharding.mesh.shape == mesh.shape
+
+
+@pytest.mark.parametrize("name", [*ALGORITHMS, "protonet"])
+def test_explicit_meshes_equal_single_device(name):
+    """jax.make_mesh's default axes are Explicit: a meta-batch sharded over them works with
+    plain jit (every algorithm), and under jax.set_mesh and through sharding.shard (MAML and
+    Reptile: the differentiated and the plain task map), one step equal to one device."""
+    loss_fn, params, episodes = sinusoid_setup(tasks=8)
+    if name == "protonet":
+        alg = mf.protonet(loss_fn, outer_tx=optax.adam(1e-2), task_init=lambda p, s: p)
+    else:
+        alg = make_algorithm(name, loss_fn)
+    key = jax.random.key(0)
+    ref, _ = jax.jit(alg.step)(alg.init(params), episodes, key)
+    mesh = jax.make_mesh((8, 1), (sharding.TASKS, sharding.MODEL))
+    assert set(mesh.axis_types) == {AxisType.Explicit}
+    placed = jax.device_put(episodes, NamedSharding(mesh, P(sharding.TASKS)))
+    states = [jax.jit(alg.step)(alg.init(params), placed, key)[0]]
+    if name in ("maml", "reptile"):
+        with jax.set_mesh(mesh):
+            states.append(jax.jit(alg.step)(alg.init(params), placed, key)[0])
+        learner = sharding.shard(alg, mesh, params)
+        states.append(learner.step(learner.init(params), learner.shard_episodes(episodes), key)[0])
+    for state in states:
+        assert tree_allclose(state.meta_params, ref.meta_params, rtol=1e-5, atol=1e-6)
+    if name == "maml":  # tasks one after another cannot run over a sharded task axis
+        alg = mf.maml(
+            loss_fn, inner_tx=optax.sgd(0.1), outer_tx=optax.sgd(0.1), num_inner_steps=1,
+            task_map="scan",
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"task_map='scan' .* use task_map='vmap'"):
+            jax.jit(alg.step)(alg.init(params), placed, key)
 
 
 def test_shard_map_without_the_varying_cast_is_wrong():

@@ -164,8 +164,6 @@ def test_clinc150_as_a_users_file_is_the_builtin_dataset(tmp_path, monkeypatch):
     from experiments import families
     from metaflax.data import builders
 
-    shared = os.environ.get("METAFLAX_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data")
-    monkeypatch.setenv("METAFLAX_DATA_DIR", shared)
     records = [r for s in ("train", "val", "test") for r in builders.records("clinc150", s)]
     rows = [(text_sources.as_text(r["text"]), text_sources.as_text(r["intent"])) for r in records]
     path = _write(tmp_path / "clinc.jsonl", rows, ("utterance", "intent"))

@@ -16,6 +16,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import socket
+import urllib.parse
+import warnings
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,12 +52,31 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _check_reachable(url: str, dataset: str, timeout: float = 10.0) -> None:
+    """Fails at once, naming ``METAFLAX_DATA_DIR``, where the download host cannot be reached
+    (instead of the download manager's minutes of retries)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout
+        ).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach {parts.hostname} to download {dataset} ({e}). Offline, point "
+            f"METAFLAX_DATA_DIR (or config.data_dir) at a folder with a {dataset}/ folder of its "
+            f"source files (see metaflax/data/sources.tsv for the files and URLs)."
+        ) from None
+
+
 def source_files(
     dataset: str, dl_manager=None, source_dir: str | None = None, names=None
 ) -> dict[str, str]:
-    """Paths of ``dataset``'s verified source files (all, or ``names``), local or downloaded.
+    """Paths of ``dataset``'s verified source files (all, or ``names``): from ``source_dir``
+    (else ``METAFLAX_DATA_DIR``), else downloaded (with ``dl_manager``, or into
+    ``<cache_dir()>/tfds/downloads``).
 
-    Raises one ``FileNotFoundError`` / ``ValueError`` naming the file and how to provide it.
+    Raises one ``FileNotFoundError`` / ``ValueError`` / ``ConnectionError`` naming the file and
+    how to provide it.
     """
     files = {n: SOURCES[dataset][n] for n in (names or SOURCES[dataset])}
     source_dir = source_dir or os.environ.get("METAFLAX_DATA_DIR")
@@ -67,10 +90,12 @@ def source_files(
                     "(or unset METAFLAX_DATA_DIR / source_dir to download it where there is "
                     "internet)."
                 )
-        elif dl_manager is not None:
-            path = os.fspath(dl_manager.download(url))
         else:
-            raise FileNotFoundError(f"no source for {dataset}/{name}: pass source_dir.")
+            _check_reachable(url, dataset)
+            if dl_manager is None:
+                downloads = os.path.join(cache_dir(), "tfds", "downloads")
+                dl_manager = tfds.download.DownloadManager(download_dir=downloads)
+            path = os.fspath(dl_manager.download(url))
         if _sha256(path) != sha:
             raise ValueError(
                 f"{path}: SHA-256 mismatch for {dataset}/{name} (expected {sha}); the file is "
@@ -367,9 +392,31 @@ def data_source(name: str, split: str, *, source_dir: str | None = None):
     return tfds.data_source(name, split=split, data_dir=os.path.join(cache_dir(), "tfds"))
 
 
+def _read_all(name: str, split: str, source_dir: str | None) -> list[dict]:
+    source = data_source(name, split, source_dir=source_dir)
+    return source.__getitems__(list(range(len(source))))
+
+
 @functools.cache
 def records(name: str, split: str, *, source_dir: str | None = None) -> list[dict]:
     """Every record of ``name``/``split`` as a list, read in one batched call (iterating a data
-    source record by record is about 10x slower); cached per process, do not modify."""
-    source = data_source(name, split, source_dir=source_dir)
-    return source.__getitems__(list(range(len(source))))
+    source record by record is about 10x slower); cached per process, do not modify.
+
+    Prepared files of a metaflax builder that are damaged (a truncated cache) are deleted and
+    prepared again from the sources, with a warning naming them: they are a cache."""
+    try:
+        return _read_all(name, split, source_dir)
+    except RuntimeError as e:  # array_record: "Corrupted Riegeli/records file"
+        if name not in BUILDERS:
+            raise RuntimeError(
+                f"the prepared files of TFDS dataset {name!r} under {cache_dir()}/tfds/{name} "
+                f"are damaged ({str(e)[:200]}); delete that folder to prepare them again."
+            ) from e
+        prepared = BUILDERS[name](source_dir=source_dir).data_dir
+        warnings.warn(
+            f"the prepared files of {name} in {prepared} are damaged ({str(e)[:200]}); "
+            "deleting and preparing them again (they are a cache).",
+            stacklevel=2,
+        )
+        shutil.rmtree(prepared)
+        return _read_all(name, split, source_dir)
