@@ -27,9 +27,10 @@ def test_the_fine_tune_stage(tmp_path, capsys):
     workdir = tmp_path / "run"
     config = _config(methods=("meta_sgd", "protonet"))
     fewshot.train_and_evaluate(config, str(workdir))
+    family = fam.make_family(config)
     for method in ("meta_sgd", "protonet"):
-        _check_round_trip(config, workdir, method)
-    _check_adapt_command(config, workdir, tmp_path, capsys)
+        _check_round_trip(config, family, workdir, method)
+    _check_adapt_command(family, workdir, tmp_path, capsys)
     _check_bad_exports(workdir, tmp_path)
 
 
@@ -50,10 +51,9 @@ def _task(languages, shots, seed=0):
     return support, query
 
 
-def _check_round_trip(config, workdir, method):
+def _check_round_trip(config, family, workdir, method):
     """Adapting from the export gives the predictions of adapting from the checkpoint."""
     clf = adapt.load(str(workdir / "export" / method))
-    family = fam.make_family(config)
     params = training.merged_params({"cldr": family})
     cfg = training.method_config(config, method)
     alg = training.make_algorithm(method, family.loss_fn, family.task_init, cfg)
@@ -74,8 +74,8 @@ def _check_round_trip(config, workdir, method):
     np.testing.assert_array_equal(ours[1], theirs[1])
 
 
-def _check_adapt_command(config, workdir, tmp_path, capsys):
-    languages = fam.make_family(config).info["test_class_names"]
+def _check_adapt_command(family, workdir, tmp_path, capsys):
+    languages = family.info["test_class_names"]
     for ways in (3, len(languages)):  # any number of classes, not only the trained 5
         support, query = _task(languages[:ways], shots=5)
         args = [
