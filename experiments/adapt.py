@@ -225,10 +225,6 @@ def fit(clf: Classifier, texts, labels, *, steps: int | None = None, seed: int =
     ids, mask = clf.tokenize(texts)
     index = {c: i for i, c in enumerate(classes)}
     support = {"tokens": ids, "mask": mask, "label": np.array([index[y] for y in labels], np.int32)}
-    loss_fn = heads.classification_loss_fn(clf.encode_fn)
-    task_init = heads.classifier_task_init(clf.encode_fn, cfg.head_init, ways)
-    proto = heads.classifier_task_init(clf.encode_fn, "proto", ways)
-    adapt = make_test_adapt(method, cfg, loss_fn, task_init, proto)
     inputs = clf.meta_params
     if method in FINE_TUNED:
         shots = int(np.bincount(support["label"]).min())
@@ -236,15 +232,31 @@ def fit(clf: Classifier, texts, labels, *, steps: int | None = None, seed: int =
         lr = lrs[min(lrs, key=lambda k: abs(k - shots))] if lrs else cfg.eval.inner_lr
         inputs = (inputs, jnp.float32(lr))
     steps = cfg.eval.report_steps if steps is None else steps
-    run = jax.jit(adapt, static_argnums=3)
-    return Adapted(run(inputs, support, jax.random.key(seed), steps), classes)
+    return Adapted(_adapter(clf, ways)(inputs, support, jax.random.key(seed), steps), classes)
+
+
+_COMPILED: dict = {}  # jitted programs per loaded classifier: repeated fits do not recompile
+
+
+def _adapter(clf: Classifier, ways: int):
+    key = ("adapt", clf.encode_fn, ways)
+    if key not in _COMPILED:
+        loss_fn = heads.classification_loss_fn(clf.encode_fn)
+        task_init = heads.classifier_task_init(clf.encode_fn, clf.config.head_init, ways)
+        proto = heads.classifier_task_init(clf.encode_fn, "proto", ways)
+        adapt = make_test_adapt(clf.method, clf.config, loss_fn, task_init, proto)
+        _COMPILED[key] = jax.jit(adapt, static_argnums=3)
+    return _COMPILED[key]
 
 
 def predict(clf: Classifier, adapted: Adapted, texts, batch: int = 256):
     """``(labels, probabilities [n, classes])`` of ``texts`` under the adapted classifier."""
     if not len(texts):
         return [], np.zeros((0, len(adapted.class_names)), np.float32)
-    logits_fn = jax.jit(lambda p, t, m: heads.classifier_logits(clf.encode_fn, p, t, m))
+    key = ("logits", clf.encode_fn)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(lambda p, t, m: heads.classifier_logits(clf.encode_fn, p, t, m))
+    logits_fn = _COMPILED[key]
     probs = []
     for i in range(0, len(texts), batch):
         chunk = list(texts[i : i + batch])

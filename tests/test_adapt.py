@@ -31,6 +31,7 @@ def test_the_fine_tune_stage(tmp_path, capsys):
     for method in ("meta_sgd", "protonet"):
         _check_round_trip(config, family, workdir, method)
     _check_adapt_command(family, workdir, tmp_path, capsys)
+    _check_ways(family, workdir)
     _check_bad_exports(workdir, tmp_path)
 
 
@@ -118,3 +119,23 @@ def _check_bad_exports(workdir, tmp_path):
     with pytest.raises(ValueError, match=r"inner_lr.* missing|do not fit|unknown parameters"):
         adapt.load(str(broken))
     assert os.path.isfile(workdir / "export" / "protonet" / adapt.SETTINGS)
+
+
+def _check_ways(family, workdir):
+    """Accuracy against the number of classes: above chance, the same numbers again (fixed
+    seed), and one error where the file has too few classes."""
+    from experiments import ways
+
+    clf = adapt.load(str(workdir / "export" / "protonet"))
+    languages = family.info["test_class_names"]
+    texts, labels, names = cldr.language_id_examples(languages)
+    labels = [names[i] for i in labels]
+    for n in (3, 0):
+        mean, ci = ways.accuracy_vs_ways(clf, texts, labels, n, 2, 3, episodes=3)
+        assert mean > 1.5 / (n or len(languages)) and ci >= 0
+        assert ways.accuracy_vs_ways(clf, texts, labels, n, 2, 3, episodes=3) == (mean, ci)
+    with pytest.raises(ValueError, match=r"9 ways, but only 8 classes .* lower --ways"):
+        ways.accuracy_vs_ways(clf, texts, labels, 9, 2, 3, episodes=1)
+    timing = ways.time_to_label(clf, texts, labels, shots=2, num_texts=50)
+    assert timing["classes"] == len(languages) and timing["texts"] == 50
+    assert timing["first_seconds"] > 0 and timing["seconds"] > 0
