@@ -22,11 +22,14 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 archive=$(mktemp --suffix=.tar.gz)
 trap 'rm -f "$archive"' EXIT
 tar -C "$here" --exclude=.git --exclude=workdirs -czf "$archive" .
+# The module and its arguments, each quoted for the remote shell (spaces, quotes, $ and ;
+# arrive as the one argument they are here).
+command=$(printf '%q ' "$@")
 gcloud compute tpus tpu-vm scp "$archive" "$tpu":metaflax.tar.gz --zone="$zone" --worker=all
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
   set -e
   mkdir -p ~/metaflax && tar -xzf ~/metaflax.tar.gz -C ~/metaflax && cd ~/metaflax
   python3 -m venv ~/metaflax-venv && . ~/metaflax-venv/bin/activate
   pip install -q -e . 'jax[tpu]'
-  METAFLAX_DISTRIBUTED=1 python -m $*
+  METAFLAX_DISTRIBUTED=1 python -m $command
 "

@@ -59,3 +59,28 @@ def test_sinusoid_maml_trains_exactly_like_the_hand_written_reference():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     moved = np.abs(ours["layers"][0]["kernel"] - params["layers"][0]["kernel"]).max()
     assert moved > 1e-2  # the 100 steps did train
+
+
+def test_run_tpu_passes_every_argument_through_unchanged(tmp_path):
+    """The remote command gets each argument as one word: spaces, ';' and '$' stay inside it."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tmp_path / "gcloud.args"
+    fake = tmp_path / "gcloud"
+    fake.write_text(f'#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {log}\n')
+    fake.chmod(0o755)
+    args = ["benchmarks.scaling", "--note=a b; rm -rf ~", "$HOME", "it's"]
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    subprocess.run(
+        ["bash", os.path.join(root, "experiments", "run_tpu.sh"), "tpu", "zone", *args],
+        env=env, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    (command,) = [a for a in log.read_text().split("\0") if a.startswith("--command=")]
+    launch = command.strip().splitlines()[-1]  # METAFLAX_DISTRIBUTED=1 python -m ...
+    shown = subprocess.run(
+        ["bash", "-c", 'python() { printf "%s\\0" "$@"; }; ' + launch],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert shown.split("\0")[:-1] == ["-m", *args]
