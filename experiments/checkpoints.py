@@ -22,13 +22,41 @@ def manager(directory: str, keep: int):
     )
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...)."""
+
+
+def _write_error(mngr, e: Exception) -> CheckpointWriteError:
+    kept = [s for s in mngr.all_steps() if os.path.isdir(os.path.join(mngr.directory, str(s)))]
+    return CheckpointWriteError(
+        f"writing a checkpoint to {mngr.directory} failed ({type(e).__name__}: {str(e)[:500]}). "
+        f"The last good checkpoint (step {max(kept) if kept else 'none'}) is kept; free disk "
+        "space or pass a writable --workdir, then rerun the same command to resume."
+    )
+
+
 def save(mngr, step: int, state, meta: dict) -> None:
+    """Starts an asynchronous save of ``step``; a failed write (this one or the one before)
+    is one :class:`CheckpointWriteError` naming the directory and the cause."""
     import orbax.checkpoint as ocp
 
-    mngr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-    )
+    try:
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+    except Exception as e:  # orbax and tensorstore raise ValueError / OSError / RuntimeError
+        raise _write_error(mngr, e) from None
+
+
+def wait(mngr) -> None:
+    """Waits for the last save; a failed write is one :class:`CheckpointWriteError`."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _write_error(mngr, e) from None
 
 
 class ForeignCheckpoint(ValueError):

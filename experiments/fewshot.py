@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as std_logging
 import os
+import sys
 import warnings
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import evaluation, report, training
+from experiments import checkpoints, evaluation, report, training
 from experiments import families as fam
 from experiments import workdir as wd
 from experiments.families import CLASSIFICATION
@@ -180,13 +182,19 @@ def _flags():
 
 def main(config: ml_collections.ConfigDict, workdir: str | None, overwrite: bool = False) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # a failed checkpoint write is reported once, below, not per unretrieved asyncio task
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*examples and are excluded.*")  # the sampler's
     if workdir is None:  # a user's data gets a workdir of its own
         name = fam.source_name(config.dataset)
         workdir = os.path.join(
             "workdirs", config.name + ("" if name == config.dataset else "_" + name)
         )
-    train_and_evaluate(config, workdir, overwrite)
+    try:
+        train_and_evaluate(config, workdir, overwrite)
+    except checkpoints.CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # orbax's writer threads would hold the process open
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
                     "seconds": seconds + time.perf_counter() - start,
                 }
                 checkpoints.save(mngr, step, state, meta)
-    mngr.wait_until_finished()
+    checkpoints.wait(mngr)
     mngr.close()
     writer.close()
     return state.meta_params, curve, meta["seconds"]

@@ -119,3 +119,22 @@ def test_a_checkpoint_of_another_config_is_an_error_not_damage(tmp_path):
     mngr, restored, _ = checkpoints.restore_latest(directory, abstract, keep=2, fingerprint="aaaa")
     mngr.close()
     assert int(restored.step) == 0
+
+
+def test_a_failed_checkpoint_write_names_the_directory_and_keeps_the_last_good_one(tmp_path):
+    params = {"w": jnp.arange(3.0)}
+    state = mf.MetaState(params, optax.sgd(0.1).init(params), jnp.zeros((), jnp.int32))
+    mngr = checkpoints.manager(str(tmp_path / "ckpt"), keep=2)
+    checkpoints.save(mngr, 1, state, {"step": 1})
+    checkpoints.wait(mngr)
+
+    def disk_full(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+    mngr.save = disk_full  # what orbax raises when the disk is full
+    with pytest.raises(checkpoints.CheckpointWriteError) as error:
+        checkpoints.save(mngr, 2, state, {"step": 2})
+    message = str(error.value)
+    assert str(tmp_path / "ckpt") in message and "No space left on device" in message
+    assert "last good checkpoint (step 1) is kept" in message
+    mngr.close()
