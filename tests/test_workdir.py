@@ -100,6 +100,9 @@ def test_files_are_written_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         wd.write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open(path, "w") makes it
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
 
 
