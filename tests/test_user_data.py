@@ -215,3 +215,31 @@ def test_a_users_file_through_the_trainer(tmp_path):
     assert info["meta_test_classes"] == 6 and info["meta_train_classes"] == 14
     with pytest.raises(FileNotFoundError, match=r"nope\.csv does not exist"):
         fewshot.check_config(_trainer_config(dataset=str(tmp_path / "nope.csv")))
+
+
+def test_a_tfds_catalog_dataset_as_a_source():
+    """``tfds:NAME`` (offline: TFDS's mock data) joins the named text features, class ids become
+    the dataset's class names, and a misnamed feature is one error listing the features."""
+    import tensorflow_datasets as tfds
+
+    from experiments import families
+    from metaflax.data import builders
+
+    with tfds.testing.mock_data(num_examples=30):
+        data = corpora.tfds_labeled(
+            "ag_news_subset", text_features=("title", "description"), separator=" | "
+        )
+        source = builders.data_source("ag_news_subset", "train")
+        names = source.dataset_info.features["label"].names
+        expected = {
+            (f"{text_sources.as_text(r['title']).strip()} | "
+             f"{text_sources.as_text(r['description']).strip()}", names[int(r["label"])])
+            for r in (source[i] for i in range(len(source)))
+        }  # fmt: skip
+        with pytest.raises(ValueError, match=r"no feature\(s\) \['text'\]; its features are"):
+            corpora.tfds_labeled("ag_news_subset")
+    assert data.stats["rows"] == 30
+    assert set(zip(data.texts, data.labels, strict=True)) == expected
+    assert set(data.labels) <= {"World", "Sports", "Business", "Sci/Tech"}
+    assert families.is_classification("tfds:ag_news_subset+clinc150")
+    assert families.source_name("tfds:ag_news_subset") == "tfds_ag_news_subset"

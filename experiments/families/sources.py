@@ -21,7 +21,9 @@ def source_name(dataset: str) -> str:
     """How a dataset is called in reports and default workdirs: a file's name without its
     folder and extension (``banking`` for ``/data/banking.jsonl``), joined with ``+``."""
     return "+".join(
-        os.path.splitext(os.path.basename(n))[0] if is_user_source(n) else n.replace(":", "_")
+        os.path.splitext(os.path.basename(n))[0]
+        if is_user_source(n) and not n.startswith("tfds:")
+        else n.replace(":", "_").replace("/", "_")
         for n in dataset.split("+")
     )
 

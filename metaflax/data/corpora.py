@@ -200,9 +200,8 @@ def tfds_labeled(
     (:func:`metaflax.data.text_sources.clean_labeled`); class ids become their names."""
     from metaflax.data import builders
 
-    source = builders.data_source(name, split)
-    records = source.__getitems__(list(range(len(source))))
-    features = source.dataset_info.features
+    features = builders.data_source(name, split).dataset_info.features
+    records = builders.records(name, split)
     missing = [f for f in (*text_features, label_feature) if f not in features]
     if missing:
         raise ValueError(
