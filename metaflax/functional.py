@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -28,8 +30,22 @@ def functionalize(module: nnx.Module, method: str = "__call__") -> tuple[Callabl
     if not callable(getattr(type(module), method, None)):  # a method, not a submodule
         raise AttributeError(f"{type(module).__name__} has no method {method!r}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    expected = jax.tree.map(jnp.shape, params)
 
     def apply_fn(params: dict, *args, **kwargs):
+        shapes = jax.tree.map(jnp.shape, params)
+        if shapes != expected:  # a trace-time check: e.g. a state saved from another model
+            raise ValueError(
+                f"params do not fit this {type(module).__name__}: expected the structure and "
+                f"shapes\n  {_brief(expected)}\ngot\n  {_brief(shapes)}\n(parameters or a "
+                "state from another model or config?)"
+            )
         return getattr(nnx.merge(graphdef, nnx.State(params), rest), method)(*args, **kwargs)
 
-    return apply_fn, nnx.to_pure_dict(params)
+    return apply_fn, params
+
+
+def _brief(shapes, limit: int = 400) -> str:
+    text = str(shapes)
+    return text if len(text) <= limit else text[:limit] + " ..."

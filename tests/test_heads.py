@@ -283,6 +283,16 @@ def test_functionalize_method_names_a_method():
             mf.functionalize(model, name)
 
 
+def test_params_of_another_model_are_one_error():
+    """A state saved from another model (here: another hidden size) fails at trace time with
+    both structures, not deep inside flax."""
+    encode, _ = _encoder()
+    _, other = mf.functionalize(bert.BertEncoder(CFG.tiny(vocab_size=64), rngs=nnx.Rngs(0)))
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"params do not fit this BertEncoder: expected"):
+        jax.jit(encode)(other, batch["tokens"], batch["mask"])
+
+
 def test_translation_metrics():
     same = seq2seq.translation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert same["chrf"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)
