@@ -165,6 +165,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
+def default_workdir(config) -> str:
+    """``workdirs/<config name>``, plus the sources where they are a user's files or several
+    (``clinc150_banking``), plus ``_to_<test source>`` for cross-dataset meta-testing: a
+    user's data never lands in a built-in run's workdir."""
+    name = fam.source_name(config.dataset)
+    parts = [config.name]
+    if name != config.dataset or "+" in config.dataset:
+        parts.append(name)
+    if config.test_dataset:
+        parts.append("to_" + fam.source_name(config.test_dataset))
+    return os.path.join("workdirs", "_".join(parts))
+
+
 def _flags():
     """``(config, workdir)`` flags, defined only when run as a script (so that importing
     several experiment modules, as the tests do, never defines a flag twice)."""
@@ -185,11 +198,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | None, overwrite: bool
     # a failed checkpoint write is reported once, below, not per unretrieved asyncio task
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*examples and are excluded.*")  # the sampler's
-    if workdir is None:  # a user's data gets a workdir of its own
-        name = fam.source_name(config.dataset)
-        workdir = os.path.join(
-            "workdirs", config.name + ("" if name == config.dataset else "_" + name)
-        )
+    if workdir is None:
+        workdir = default_workdir(config)
     try:
         train_and_evaluate(config, workdir, overwrite)
     except checkpoints.CheckpointWriteError as e:

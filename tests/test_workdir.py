@@ -141,3 +141,15 @@ def test_a_failed_checkpoint_write_names_the_directory_and_keeps_the_last_good_o
     assert str(tmp_path / "ckpt") in message and "No space left on device" in message
     assert "last good checkpoint (step 1) is kept" in message
     mngr.close()
+
+
+def test_default_workdirs_keep_users_runs_apart():
+    from experiments.configs import clinc150
+
+    assert fewshot.default_workdir(_config()) == "workdirs/cldr"
+    config = clinc150.get_config()
+    assert fewshot.default_workdir(config) == "workdirs/clinc150"
+    config.dataset = "/data/banking.jsonl"
+    assert fewshot.default_workdir(config) == "workdirs/clinc150_banking"
+    config.dataset, config.test_dataset = "clinc150+fewrel", "/data/huffpost_test.jsonl"
+    assert fewshot.default_workdir(config) == "workdirs/clinc150_clinc150+fewrel_to_huffpost_test"
