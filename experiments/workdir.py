@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+import ml_collections
+
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 # Fields that do not change any result: where the data is read from, which methods this
@@ -118,6 +120,15 @@ def _check(workdir: str, config, overwrite: bool) -> None:
                     for k in diff[:8]
                 )
                 problem = f"it holds a run of another config ({shown})"
+    elif os.path.exists(os.path.join(workdir, "config.json")):  # made before run.json existed
+        try:
+            with open(os.path.join(workdir, "config.json")) as f:
+                theirs = settings(ml_collections.ConfigDict(json.load(f)))
+        except (OSError, ValueError, TypeError) as e:
+            problem = f"its config.json is unreadable ({e})"
+        else:
+            if theirs != ours:
+                problem = "it holds a run of another config (its config.json differs)"
     elif contents:
         problem = f"it holds files of another run or program ({', '.join(sorted(contents)[:5])})"
     if problem and not overwrite:

@@ -53,6 +53,17 @@ def test_another_config_is_refused_naming_the_fields(tmp_path):
     assert stored["fingerprint"] == wd.fingerprint(other)
 
 
+def test_a_workdir_from_before_run_json_resumes_with_its_own_config(tmp_path):
+    (tmp_path / "config.json").write_text(_config().to_json(indent=2))  # an older trainer's
+    with wd.claim(str(tmp_path), _config()):
+        pass
+    assert (tmp_path / wd.RUN_FILE).exists()
+    (tmp_path / wd.RUN_FILE).unlink()
+    with pytest.raises(ValueError, match=r"another config \(its config.json differs\)"):
+        with wd.claim(str(tmp_path), _config(seed=5)):
+            pass
+
+
 def test_foreign_files_and_urls_are_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"files of another run or program \(notes.txt\)"):
