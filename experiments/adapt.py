@@ -267,6 +267,19 @@ def predict(clf: Classifier, adapted: Adapted, texts, batch: int = 256):
     return [adapted.class_names[i] for i in probs.argmax(-1)], probs
 
 
+def read_file(clf: Classifier, path: str, text_columns: str, label_column: str, labeled=True):
+    """A labeled file for ``clf``: several (comma-separated) text columns joined as its
+    tokenizer expects."""
+    separator = " " if clf.settings["chars"] is not None else " [SEP] "
+    return text_sources.read_labeled_file(
+        path,
+        text_columns=text_columns.split(","),
+        label_column=label_column,
+        separator=separator,
+        labeled=labeled,
+    )
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="an export directory")
@@ -282,11 +295,8 @@ def main(argv=None) -> dict:
     if os.path.exists(args.out) and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it.")
     clf = load(args.model)
-    columns = args.text_columns.split(",")
-    separator = " " if clf.settings["chars"] is not None else " [SEP] "
-    read = dict(text_columns=columns, label_column=args.label_column, separator=separator)
-    support = text_sources.read_labeled_file(args.support, **read)
-    texts = text_sources.read_labeled_file(args.texts, labeled=False, **read)
+    support = read_file(clf, args.support, args.text_columns, args.label_column)
+    texts = read_file(clf, args.texts, args.text_columns, args.label_column, labeled=False)
     adapted = fit(clf, support.texts, support.labels, steps=args.steps, seed=args.seed)
     labeled = [y for y in texts.labels if y]
     unseen = sorted(set(labeled) - set(adapted.class_names))
@@ -296,15 +306,14 @@ def main(argv=None) -> dict:
     if absent:
         print(f"support classes that no labeled text has: {absent[:10]}")
     predicted, probs = predict(clf, adapted, texts.texts)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        for text, label, p in zip(texts.texts, predicted, probs, strict=True):
-            row = {"text": text, "label": label}
-            row["probabilities"] = {
-                c: round(float(q), 6) for c, q in zip(adapted.class_names, p, strict=True)
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    rows = []
+    for text, label, p in zip(texts.texts, predicted, probs, strict=True):
+        row = {"text": text, "label": label}
+        row["probabilities"] = {
+            c: round(float(q), 6) for c, q in zip(adapted.class_names, p, strict=True)
+        }
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    wd.write_text(args.out, "".join(rows))
     out = {"texts": len(texts.texts), "classes": len(adapted.class_names)}
     if labeled and len(labeled) == len(texts.texts):
         correct = [float(p == y) for p, y in zip(predicted, texts.labels, strict=True)]

@@ -22,7 +22,6 @@ import numpy as np
 import metaflax as mf
 from experiments import adapt
 from experiments import workdir as wd
-from metaflax.data import text_sources
 
 
 def accuracy_vs_ways(
@@ -86,13 +85,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="results JSON (default: print only)")
     args = parser.parse_args(argv)
     clf = adapt.load(args.model)
-    separator = " " if clf.settings["chars"] is not None else " [SEP] "
-    data = text_sources.read_labeled_file(
-        args.data,
-        text_columns=args.text_columns.split(","),
-        label_column=args.label_column,
-        separator=separator,
-    )
+    data = adapt.read_file(clf, args.data, args.text_columns, args.label_column)
     results = {"model": args.model, "data": args.data, "episodes": args.episodes, "ways": {}}
     rows = ["| ways | " + " | ".join(f"{k}-shot" for k in args.shots) + " |"]
     rows.append("|---" * (len(args.shots) + 1) + "|")
