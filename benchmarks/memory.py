@@ -15,7 +15,9 @@ step; on an accelerator ``memory_stats()['peak_bytes_in_use']`` of the device. S
 estimate exceeds ``--rss-max-gib`` are not run (second-order MAML without remat needs ~10 GiB at
 16 inner steps). The remat modes: ``none``; ``per-step`` (``remat=True``: one checkpoint per
 inner step); ``two-level`` (``remat=c`` with ``c = isqrt(k)``: checkpoints every ``c`` steps and
-recomputes a segment at a time; for ``k < 4`` it is the per-step mode and is not run again).
+recomputes a segment at a time; for ``k < 4`` it is the per-step mode and is not run again);
+``imaml``: not MAML but ``mf.imaml`` (``lam=1``, 5 conjugate-gradient steps), whose implicit
+meta-gradient keeps nothing of the inner loop (its tasks/s: :mod:`benchmarks.throughput`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import numpy as np
 
 from benchmarks import report
 
-MODES = ("none", "per-step", "two-level")
+MODES = ("none", "per-step", "two-level", "imaml")
 
 
-def _remat_arg(mode: str, k: int) -> bool | int:
-    return {"none": False, "per-step": True, "two-level": math.isqrt(k)}[mode]
+def _remat_arg(mode: str, k: int) -> bool | int | None:
+    return {"none": False, "per-step": True, "two-level": math.isqrt(k), "imaml": None}[mode]
 
 
 def _proc_kib(field: str) -> int:
@@ -54,7 +56,10 @@ def measure(workload: str, k: int, mode: str, rss_max_gib: float) -> dict:
     from benchmarks.workloads import WORKLOADS, make_algorithm
 
     w = WORKLOADS[workload]()
-    alg = make_algorithm("maml", w, k, remat=_remat_arg(mode, k))
+    if mode == "imaml":
+        alg = make_algorithm("imaml", w, k, lam=1.0, cg_steps=5)
+    else:
+        alg = make_algorithm("maml", w, k, remat=_remat_arg(mode, k))
     state, key = alg.init(w.params), jax.random.key(0)
     t0 = time.perf_counter()
     compiled = jax.jit(alg.step).lower(state, w.episodes, key).compile()
@@ -186,6 +191,7 @@ def plot(result: dict, path: str) -> None:
         "none": "no remat",
         "per-step": "remat=True (per step)",
         "two-level": "remat=isqrt(k) (two-level)",
+        "imaml": "iMAML (implicit, 5 CG steps)",
     }
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, c in curves.items():

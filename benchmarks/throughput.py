@@ -23,7 +23,13 @@ from benchmarks.workloads import WORKLOADS, make_algorithm, run_info
 from metaflax.core import check_episodes
 from metaflax.models import Conv4, max_pool_2x2
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "meta_sgd")
+ALGORITHMS = ("maml", "fomaml", "reptile", "meta_sgd", "mamlpp", "imaml", "learned_opt")
+# The settings beyond the inner and outer optimizers: MAML++ timed in its costliest phase (the
+# multi-step loss, second order), iMAML with 5 conjugate-gradient steps.
+SETTINGS = {
+    "mamlpp": dict(multi_step_loss=10**9, first_order_steps=0),
+    "imaml": dict(lam=1.0, cg_steps=5),
+}
 
 
 def time_step(alg, workload, min_seconds: float, min_steps: int = 3) -> dict:
@@ -183,7 +189,8 @@ def main():
         w = WORKLOADS[wl]()
         for name in args.algorithms.split(","):
             for k in map(int, args.inner_steps.split(",")):
-                r = time_step(make_algorithm(name, w, k), w, args.min_seconds)
+                alg = make_algorithm(name, w, k, **SETTINGS.get(name, {}))
+                r = time_step(alg, w, args.min_seconds)
                 rows.append({"workload": wl, "algorithm": name, "inner_steps": k, **r})
                 print(
                     f"{wl:9s} {name:9s} k={k}  {r['tasks_per_s']:10.1f} tasks/s  "

@@ -48,7 +48,7 @@ import metaflax as mf
 from experiments import workdir as wd
 from experiments.evaluation import make_test_adapt
 from experiments.families.common import make_encoder
-from experiments.training import FINE_TUNED, make_algorithm
+from experiments.training import FINE_TUNED, RULE_METHODS, head_init, make_algorithm, model_params
 from metaflax import bert, heads
 from metaflax.data import text_sources
 from metaflax.data.text import SPECIALS, CharVocab
@@ -63,7 +63,7 @@ def _key(path) -> str:
 
 def _bert_prefix(config, method: str) -> str:
     """The path of the BERT encoder's parameters inside the meta-parameters."""
-    model = "params/" if method in ("meta_sgd", "lslr") else ""
+    model = "params/" if method in RULE_METHODS else ""
     return model + ("encoder/encoder/" if config.model.pool == "mean+bow" else "encoder/")
 
 
@@ -93,7 +93,7 @@ def export(
     checkpoint = bert_config is not None and not bert_config.pre_ln
     if checkpoint:  # the encoder as a BERT checkpoint, the rest beside it
         prefix = _bert_prefix(config, method)
-        model = meta_params["params"] if method in ("meta_sgd", "lslr") else meta_params
+        model = meta_params["params"] if method in RULE_METHODS else meta_params
         encoder = (
             model["encoder"]["encoder"] if config.model.pool == "mean+bow" else model["encoder"]
         )
@@ -174,10 +174,11 @@ def load(path: str) -> Classifier:
     encode_fn, encoder_params, hidden = make_encoder(
         config, settings["vocab_size"], extras.pop("idf", None)
     )
-    model = heads.init_classifier(encoder_params, hidden, settings["ways"])
     method = settings["method"]
+    model = heads.init_classifier(encoder_params, hidden, settings["ways"])
+    model = model_params(method, config, model)
     meta = model
-    if method in ("meta_sgd", "lslr"):  # learned inner rates beside the model
+    if method in RULE_METHODS:  # the inner rule's meta-parameters beside the model
         loss_fn = heads.classification_loss_fn(encode_fn)
         meta = make_algorithm(method, loss_fn, None, config).init(model).meta_params
     flat, treedef = jax.tree_util.tree_flatten_with_path(meta)
@@ -216,7 +217,9 @@ def fit(clf: Classifier, texts, labels, *, steps: int | None = None, seed: int =
     if len(classes) < 2:
         raise ValueError(f"the support set has {len(classes)} class(es); a task needs >= 2.")
     cfg, method, ways = clf.config, clf.method, len(classes)
-    if ways != clf.settings["ways"] and (method == "meta_sgd" or cfg.head_init != "proto"):
+    if ways != clf.settings["ways"] and (
+        method == "meta_sgd" or head_init(method, cfg) not in ("proto", "ridge")
+    ):
         raise ValueError(
             f"{method} with head_init={cfg.head_init!r} learned a {clf.settings['ways']}-way head "
             f"(or per-parameter head rates); this support set has {ways} classes. Give it "
@@ -242,7 +245,9 @@ def _adapter(clf: Classifier, ways: int):
     key = ("adapt", clf.encode_fn, ways)
     if key not in _COMPILED:
         loss_fn = heads.classification_loss_fn(clf.encode_fn)
-        task_init = heads.classifier_task_init(clf.encode_fn, clf.config.head_init, ways)
+        task_init = heads.classifier_task_init(
+            clf.encode_fn, head_init(clf.method, clf.config), ways
+        )
         proto = heads.classifier_task_init(clf.encode_fn, "proto", ways)
         adapt = make_test_adapt(clf.method, clf.config, loss_fn, task_init, proto)
         _COMPILED[key] = jax.jit(adapt, static_argnums=3)

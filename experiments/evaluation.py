@@ -83,7 +83,7 @@ def evaluate(method: str, params, cfg, family: Family) -> dict:
             inputs, adapt, val = (
                 params,
                 make_test_adapt(
-                    method, cfg, family.loss_fn, family.task_init, family.baseline_init
+                    method, cfg, family.loss_fn, family.method_init(method), family.baseline_init
                 ),
                 None,
             )

@@ -63,7 +63,7 @@ def check_config(config) -> None:
             f"clinc.val_domains and clinc.test_domains share {sorted(both)}: validation "
             "classes must not be test classes; take them out of one of the two."
         )
-    classifiers = {"protonet", "anil", *training.CENTROIDS} & set(config.methods)
+    classifiers = {"protonet", "r2d2", "anil", *training.CENTROIDS} & set(config.methods)
     if not fam.is_classification(config.dataset) and classifiers:  # mixed runs too
         raise ValueError(
             f"{sorted(classifiers)} need a classification dataset ({', '.join(CLASSIFICATION)} "

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import metaflax as mf
-from experiments.configs.common import with_fields
+from experiments.configs.common import algorithm_kwargs, with_fields
 from metaflax.models import MLP
 from metaflax.tasks import mse_loss_fn, sample_sinusoid
 
@@ -39,6 +39,7 @@ def make_algorithm(name: str, loss_fn, config: ml_collections.ConfigDict) -> mf.
         inner_lr=config.inner_lr,
         num_inner_steps=config.num_inner_steps,
         inner_transform=optax.clip_by_global_norm(config.inner_clip) if config.inner_clip else None,
+        **algorithm_kwargs(name, config),
     )
 
 

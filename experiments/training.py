@@ -14,10 +14,14 @@ from tqdm import tqdm
 import metaflax as mf
 from experiments import checkpoints
 from experiments import workdir as wd
-from experiments.configs.common import with_fields
+from experiments.configs.common import algorithm_kwargs, with_fields
 from experiments.families import Family
+from metaflax import heads
 
-META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet")
+META_METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "mamlpp", "anil", "imaml")
+META_METHODS += ("learned_opt", "protonet", "r2d2")
+# meta_params = {"params": <the model>, <the inner rule's own meta-parameters>}
+RULE_METHODS = ("meta_sgd", "lslr", "mamlpp", "learned_opt")
 BASELINES = ("multitask", "scratch", "ngram_centroid", "idf_centroid")
 CENTROIDS = ("ngram_centroid", "idf_centroid")  # no learning, no adaptation
 FINE_TUNED = ("protonet", "multitask", "scratch")  # adapted at test by plain SGD fine-tuning
@@ -48,16 +52,31 @@ def outer_tx(cfg):
     return optax.chain(optax.clip_by_global_norm(cfg.outer_clip), optax.adam(lr))
 
 
+def head_init(method: str, cfg) -> str:
+    """The classification head ``method`` starts each task with: ProtoNet's prototypes, R2D2's
+    ridge regression, else ``cfg.head_init``."""
+    return {"protonet": "proto", "r2d2": "ridge"}.get(method, cfg.head_init)
+
+
+def model_params(method: str, cfg, params):
+    """The initial model parameters of ``method``: with the ridge head (R2D2), its
+    regularisation and scale too (``heads.init_ridge``)."""
+    return {**params, "ridge": heads.init_ridge()} if head_init(method, cfg) == "ridge" else params
+
+
 def make_algorithm(method: str, loss_fn, task_init, cfg) -> mf.MetaAlgorithm:
-    """The algorithm of ``method`` (a meta-learner or ``multitask``) from its config."""
+    """The algorithm of ``method`` (a meta-learner or ``multitask``) from its config: R2D2 is
+    ProtoNet's algorithm with the ridge head; MAML++'s schedules and iMAML's settings come from
+    ``cfg.mamlpp`` and ``cfg.imaml``."""
     return mf.make_algorithm(
-        method,
+        "protonet" if method == "r2d2" else method,
         loss_fn,
         outer_tx=outer_tx(cfg),
         inner_lr=cfg.inner_lr,
         num_inner_steps=cfg.num_inner_steps,
         adapt_mask=mf.path_filter("head") if method == "anil" else None,
         task_init=task_init,
+        **algorithm_kwargs(method, cfg),
     )
 
 
@@ -90,11 +109,9 @@ def train_method(method: str, cfg, families: dict[str, Family], workdir: str):
         unit = "ex"
         per_step = np.mean([f.pooled.examples_per_step for f in families.values()])
     else:
-        params = merged_params(families)
+        params = model_params(method, cfg, merged_params(families))
         for name, family in families.items():
-            # ProtoNet's classifier is always the prototype head, whatever head_init says.
-            task_init = family.baseline_init if method == "protonet" else family.task_init
-            alg = make_algorithm(method, family.loss_fn, task_init, cfg)
+            alg = make_algorithm(method, family.loss_fn, family.method_init(method), cfg)
             step_fn, init, put = jax.jit(alg.step, donate_argnums=0), alg.init, lambda b: b
             if num_devices(cfg) > 1:  # the meta-batch's tasks split over a 'tasks' mesh axis
                 mesh = mf.sharding.make_mesh(tasks=num_devices(cfg))

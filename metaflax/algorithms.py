@@ -50,10 +50,13 @@ class MetaAlgorithm(NamedTuple):
       step: ``step(state, episodes, key) -> (state, metrics)``; one outer update on a
         meta-batch (an ``Episode`` with a leading ``[tasks]`` axis). jit-able. ``key`` is one
         PRNG key, or one key per task (shape ``[tasks]``, sharded like the episodes).
-      meta_loss: ``meta_loss(meta_params, episodes, key) -> (loss, metrics)``: the mean query
-        loss after adaptation; differentiable (this is what MAML-family steps differentiate).
-      meta_grad: ``meta_grad(meta_params, episodes, key) -> (grads, metrics)``: the mean
-        meta-gradient over the tasks (Reptile: its pseudo-gradient), shaped like meta_params.
+      meta_loss: ``meta_loss(meta_params, episodes, key, step=None) -> (loss, metrics)``: the
+        mean query loss after adaptation; differentiable (this is what MAML-family steps
+        differentiate). ``step`` is the meta-step (``state.step``), read by the MAML++
+        schedules (``multi_step_loss``, ``first_order_steps``); ``None`` means after them.
+      meta_grad: ``meta_grad(meta_params, episodes, key, step=None) -> (grads, metrics)``: the
+        mean meta-gradient over the tasks (Reptile: its pseudo-gradient), shaped like
+        meta_params.
       outer_update: ``outer_update(state, grads, metrics) -> (state, metrics)``: applies
         ``outer_tx``; a non-finite loss or gradient leaves the state unchanged.
       adapt: ``adapt(meta_params, support, key, num_steps=None) -> (adapted_params,
@@ -111,7 +114,7 @@ def _assemble(
         return MetaState(meta_params, outer_tx.init(meta_params), jnp.zeros((), jnp.int32))
 
     def step(state, episodes, key):
-        grads, metrics = meta_grad(state.meta_params, episodes, key)
+        grads, metrics = meta_grad(state.meta_params, episodes, key, step=state.step)
         return outer_update(state, grads, metrics)
 
     return MetaAlgorithm(init, step, meta_loss, meta_grad, outer_update, adapt, model_params)
@@ -238,23 +241,42 @@ def _check_common(num_inner_steps: int, outer_tx: Any, task_map: str | int) -> N
 
 
 def _adapt_tasks(
-    adapt: Callable, loss_fn: LossFn, task_map: str | int, differentiated: bool = True
+    adapt: Callable,
+    loss_fn: LossFn,
+    task_map: str | int,
+    differentiated: bool = True,
+    step_weights: Callable | None = None,
 ) -> Callable:
-    """``adapt_tasks(meta_params, episodes, key) -> (adapted, metrics)``: every task adapted on
-    its support set (``adapted`` has a leading ``[tasks]`` axis) and scored on its query set.
+    """``adapt_tasks(meta_params, episodes, key, step=None) -> (adapted, metrics)``: every task
+    adapted on its support set (``adapted`` has a leading ``[tasks]`` axis) and scored on its
+    query set.
 
     ``differentiated``: the meta-gradient flows through ``adapt`` (the MAML family). Under
     ``vmap`` each task then adapts its own copy of the meta-parameters
     (:func:`broadcast_to_tasks`, whose cotangents are summed cheaply), with the first inner
-    step's gradient taken at the shared ones (``adapt(..., shared=meta_params)``)."""
+    step's gradient taken at the shared ones (``adapt(..., shared=meta_params)``).
+    ``step_weights(step) -> [num_inner_steps]``: the task's loss is the weighted sum of its query
+    losses after every inner step (MAML++'s multi-step loss) when ``step`` is given."""
 
-    def adapt_tasks(meta_params, episodes, key):
+    def adapt_tasks(meta_params, episodes, key, step=None):
         num_tasks = check_episodes(episodes)
+        weights = None if step_weights is None or step is None else step_weights(step)
 
         def one_task(params, episode, task_key, shared=None):
             inner_key, query_key = jax.random.split(task_key)
-            adapted, inner_losses = adapt(params, episode.support, inner_key, shared=shared)
-            loss, metrics = loss_fn(adapted, episode.query, query_key)
+            if weights is None:
+                adapted, inner_losses = adapt(params, episode.support, inner_key, shared=shared)
+                loss, metrics = loss_fn(adapted, episode.query, query_key)
+            else:
+                adapted, inner_losses, step_losses = adapt(
+                    params,
+                    episode.support,
+                    inner_key,
+                    shared=shared,
+                    query=(episode.query, query_key),
+                )
+                _, metrics = loss_fn(adapted, episode.query, query_key)
+                loss = jnp.dot(weights.astype(step_losses.dtype), step_losses)
             return adapted, loss, metrics, inner_losses
 
         sharded = _explicit_task_sharding(episodes)
@@ -303,13 +325,17 @@ def _explicit_task_sharding(episodes):
 
 
 def _query_loss_after(
-    adapt: Callable, loss_fn: LossFn, task_map: str | int, differentiated: bool = True
+    adapt: Callable,
+    loss_fn: LossFn,
+    task_map: str | int,
+    differentiated: bool = True,
+    step_weights: Callable | None = None,
 ) -> Callable:
     """``meta_loss``: the mean over tasks of the query loss after ``adapt`` on the support set."""
-    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map, differentiated)
+    adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map, differentiated, step_weights)
 
-    def meta_loss(meta_params, episodes, key):
-        _, metrics = adapt_tasks(meta_params, episodes, key)
+    def meta_loss(meta_params, episodes, key, step=None):
+        _, metrics = adapt_tasks(meta_params, episodes, key, step)
         return metrics["loss"], metrics
 
     return meta_loss
@@ -318,9 +344,9 @@ def _query_loss_after(
 def _grad_of(meta_loss: Callable) -> Callable:
     """``meta_grad``: the gradient of ``meta_loss`` w.r.t. the meta-parameters, with metrics."""
 
-    def meta_grad(meta_params, episodes, key):
+    def meta_grad(meta_params, episodes, key, step=None):
         (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-            meta_params, episodes, key
+            meta_params, episodes, key, step
         )
         return grads, metrics
 
@@ -331,6 +357,40 @@ def _task_metrics(losses, metrics, inner_losses) -> dict:
     out = {"loss": jnp.mean(losses), "inner_losses": jnp.mean(inner_losses, axis=0)}
     out.update({f"query_{k}": jnp.mean(v) for k, v in metrics.items()})
     return out
+
+
+def multi_step_loss_weights(num_inner_steps: int, anneal_steps: int, step) -> jax.Array:
+    """MAML++'s weights of the query losses after each inner step, at meta-step ``step``.
+
+    They start equal (``1 / n`` each); every weight but the last falls linearly to ``0.03 / n``
+    over ``anneal_steps`` meta-steps while the last takes up the rest (they always sum to 1);
+    from ``anneal_steps`` on, only the last step's loss counts (Antoniou et al. 2019, with
+    epochs counted in meta-steps).
+
+    >>> multi_step_loss_weights(4, 100, 0).tolist()
+    [0.25, 0.25, 0.25, 0.25]
+    >>> multi_step_loss_weights(4, 100, 100).tolist()
+    [0.0, 0.0, 0.0, 1.0]
+    """
+    n = num_inner_steps
+    done = jnp.asarray(step) / anneal_steps
+    early = jnp.maximum((1.0 - done) / n, 0.03 / n) * (done < 1)
+    weights = jnp.full((n,), early, jnp.float32)
+    return weights.at[-1].set(1.0 - (n - 1) * early)
+
+
+def _check_schedules(multi_step_loss: int, first_order_steps: int, first_order: bool) -> None:
+    for name, value in (
+        ("multi_step_loss", multi_step_loss),
+        ("first_order_steps", first_order_steps),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an int >= 0 (a number of meta-steps).")
+    if first_order and first_order_steps:
+        raise ValueError(
+            "first_order=True is first order at every meta-step; first_order_steps="
+            f"{first_order_steps} anneals from first to second order: pass one of them."
+        )
 
 
 def _maml_family(
@@ -344,28 +404,58 @@ def _maml_family(
     remat: bool | int,
     task_map: str | int,
     task_init: Callable | None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
 ) -> MetaAlgorithm:
     _check_common(num_inner_steps, outer_tx, task_map)
+    _check_schedules(multi_step_loss, first_order_steps, first_order)
 
-    def adapt(meta_params, support, key, num_steps=None, shared=None):
-        params, inner_tx = inner_parts(meta_params)
-        shared = None if shared is None else inner_parts(shared)[0]
-        fn = make_adapt_fn(
-            loss_fn,
-            inner_tx,
-            num_inner_steps if num_steps is None else num_steps,
-            first_order=first_order,
-            remat=remat,
-            task_init=task_init,
+    def adapt_fn(first_order):
+        def adapt(meta_params, support, key, num_steps=None, shared=None, query=None):
+            params, inner_tx = inner_parts(meta_params)
+            shared = None if shared is None else inner_parts(shared)[0]
+            fn = make_adapt_fn(
+                loss_fn,
+                inner_tx,
+                num_inner_steps if num_steps is None else num_steps,
+                first_order=first_order,
+                remat=remat,
+                task_init=task_init,
+            )
+            return fn(params, support, key, shared, query)
+
+        return adapt
+
+    step_weights = None
+    if multi_step_loss:
+        step_weights = functools.partial(multi_step_loss_weights, num_inner_steps, multi_step_loss)
+    adapt = adapt_fn(first_order)
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map, step_weights=step_weights)
+    meta_grad = _grad_of(meta_loss)
+    if first_order_steps:  # one program: lax.cond runs one of the two gradients per step
+        second_order_grad = meta_grad
+        first_order_grad = _grad_of(
+            _query_loss_after(adapt_fn(True), loss_fn, task_map, step_weights=step_weights)
         )
-        return fn(params, support, key, shared)
 
-    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
+        def meta_grad(meta_params, episodes, key, step=None):
+            if step is None:
+                return second_order_grad(meta_params, episodes, key)
+            return jax.lax.cond(
+                step < first_order_steps,
+                first_order_grad,
+                second_order_grad,
+                meta_params,
+                episodes,
+                key,
+                step,
+            )
+
     return _assemble(
         init_meta,
         outer_tx,
         meta_loss,
-        _grad_of(meta_loss),
+        meta_grad,
         adapt,
         lambda meta_params: inner_parts(meta_params)[0],
     )
@@ -382,6 +472,8 @@ def maml(
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
 ) -> MetaAlgorithm:
     """MAML (Finn et al. 2017): learn an initialisation that adapts well in a few inner steps.
 
@@ -402,6 +494,12 @@ def maml(
       adapt_mask: bool pytree or ``params -> bool pytree``; ``None`` adapts everything.
       task_init: ``task_init(params, support) -> params`` before the inner loop (e.g.
         Proto-MAML head initialisation); differentiated through like the rest.
+      multi_step_loss: MAML++'s multi-step loss: for the first ``multi_step_loss`` meta-steps
+        the task's loss is the weighted sum of its query losses after every inner step
+        (:func:`multi_step_loss_weights`); 0 (off) scores the last step only.
+      first_order_steps: MAML++'s derivative-order annealing: first order for the first
+        ``first_order_steps`` meta-steps, then second order, in one compiled ``step`` (a
+        ``lax.cond`` on ``state.step``, so the outer optimizer state carries over).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> loss_fn = lambda p, b, k: (0.5 * jnp.mean((p - b) ** 2), {})
@@ -424,50 +522,42 @@ def maml(
         remat=remat,
         task_map=task_map,
         task_init=task_init,
+        multi_step_loss=multi_step_loss,
+        first_order_steps=first_order_steps,
     )
 
 
-def _learned_lr(
-    loss_fn,
-    lr_shape: Callable[[jax.Array], tuple[int, ...]],
-    make_tx: Callable[[PyTree], optax.GradientTransformation],
-    *,
-    outer_tx,
-    num_inner_steps,
-    init_lr,
-    inner_tx,
-    first_order,
-    remat,
-    task_map,
-    adapt_mask,
-    task_init,
-) -> MetaAlgorithm:
+def _check_lr(init_lr: float) -> None:
     if not math.isfinite(init_lr) or init_lr <= 0:
         raise ValueError(f"init_lr={init_lr} must be a positive finite learning rate.")
+
+
+def _learned_rule(
+    loss_fn,
+    name: str,
+    init_rule: Callable[[PyTree], PyTree],
+    make_tx: Callable[[PyTree], optax.GradientTransformation],
+    *,
+    inner_tx,
+    adapt_mask,
+    **kwargs,
+) -> MetaAlgorithm:
+    """MAML whose inner update rule has meta-parameters of its own: ``meta_params`` is
+    ``{"params": ..., name: init_rule(params)}`` and the inner optimizer
+    ``make_tx(meta_params[name])``, after the optional ``inner_tx`` preprocessing."""
     if inner_tx is not None:
         _check_tx("inner_tx", inner_tx)
 
     def init_meta(params):
-        inner_lr = jax.tree.map(lambda p: jnp.full(lr_shape(p), init_lr, p.dtype), params)
-        return {"params": params, "inner_lr": inner_lr}
+        return {"params": params, name: init_rule(params)}
 
     def inner_parts(meta_params):
-        tx = make_tx(meta_params["inner_lr"])
+        tx = make_tx(meta_params[name])
         if inner_tx is not None:
             tx = optax.chain(inner_tx, tx)
         return meta_params["params"], adapt_only(tx, adapt_mask)
 
-    return _maml_family(
-        loss_fn,
-        outer_tx=outer_tx,
-        num_inner_steps=num_inner_steps,
-        init_meta=init_meta,
-        inner_parts=inner_parts,
-        first_order=first_order,
-        remat=remat,
-        task_map=task_map,
-        task_init=task_init,
-    )
+    return _maml_family(loss_fn, init_meta=init_meta, inner_parts=inner_parts, **kwargs)
 
 
 def meta_sgd(
@@ -482,13 +572,16 @@ def meta_sgd(
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
 ) -> MetaAlgorithm:
     """Meta-SGD (Li et al. 2017): MAML that also learns one inner learning rate per parameter.
 
     ``state.meta_params`` is ``{"params": ..., "inner_lr": ...}`` with ``inner_lr`` shaped like
     the params and initialised to ``init_lr``; the inner update is
     ``params - inner_lr * g``. An optional ``inner_tx`` preprocesses the gradient first (e.g.
-    ``optax.clip_by_global_norm``). Other arguments as in :func:`maml`.
+    ``optax.clip_by_global_norm``). Other arguments as in :func:`maml`; with
+    ``multi_step_loss`` and ``first_order_steps``, :func:`lslr` is MAML++'s meta-learner.
 
     >>> import jax.numpy as jnp, optax
     >>> alg = meta_sgd(lambda p, b, k: (jnp.mean((p - b) ** 2), {}), outer_tx=optax.adam(1e-3),
@@ -496,19 +589,13 @@ def meta_sgd(
     >>> alg.init(jnp.zeros(3)).meta_params["inner_lr"]
     Array([0.01, 0.01, 0.01], dtype=float32)
     """
-    return _learned_lr(
+    _check_lr(init_lr)
+    return _learned_rule(
         loss_fn,
-        lambda p: jnp.shape(p),
+        "inner_lr",
+        lambda params: jax.tree.map(lambda p: jnp.full(jnp.shape(p), init_lr, p.dtype), params),
         scale_by_learned_lr,
-        outer_tx=outer_tx,
-        num_inner_steps=num_inner_steps,
-        init_lr=init_lr,
-        inner_tx=inner_tx,
-        first_order=first_order,
-        remat=remat,
-        task_map=task_map,
-        adapt_mask=adapt_mask,
-        task_init=task_init,
+        **_rule_kwargs(locals()),
     )
 
 
@@ -524,6 +611,8 @@ def lslr(
     task_map: str | int = "vmap",
     adapt_mask: AdaptMask = None,
     task_init: Callable | None = None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
 ) -> MetaAlgorithm:
     """MAML with learned per-layer, per-step inner learning rates (LSLR, MAML++; Antoniou 2019).
 
@@ -537,19 +626,140 @@ def lslr(
     >>> alg.init({"w": jnp.zeros((4, 4))}).meta_params["inner_lr"]["w"].shape
     (3,)
     """
-    return _learned_lr(
+    _check_lr(init_lr)
+    return _learned_rule(
         loss_fn,
-        lambda p: (num_inner_steps,),
+        "inner_lr",
+        lambda params: jax.tree.map(
+            lambda p: jnp.full((num_inner_steps,), init_lr, p.dtype), params
+        ),
         scale_by_per_step_lr,
-        outer_tx=outer_tx,
-        num_inner_steps=num_inner_steps,
-        init_lr=init_lr,
-        inner_tx=inner_tx,
-        first_order=first_order,
-        remat=remat,
-        task_map=task_map,
-        adapt_mask=adapt_mask,
-        task_init=task_init,
+        **_rule_kwargs(locals()),
+    )
+
+
+def _rule_kwargs(args: dict) -> dict:
+    """The arguments a learned-rule factory passes on to :func:`_learned_rule` unchanged."""
+    names = ("outer_tx", "num_inner_steps", "inner_tx", "first_order", "remat", "task_map")
+    names += ("adapt_mask", "task_init", "multi_step_loss", "first_order_steps")
+    return {n: args[n] for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# A meta-learned inner optimizer: a small network per parameter element.
+
+LEARNED_OPTIMIZER_FEATURES = (
+    "gradient",
+    "momentum",
+    "normalised gradient",
+    "normalised momentum",
+    "step",
+)
+
+
+def init_learned_optimizer(key: jax.Array, init_lr: float, hidden: int = 16) -> dict:
+    """Weights of :func:`scale_by_learned_optimizer` that make it SGD at ``init_lr``: the
+    network's output layer starts at zero (its hidden layer random, from ``key``)."""
+    _check_lr(init_lr)
+    width = len(LEARNED_OPTIMIZER_FEATURES)
+    return {
+        "lr": jnp.asarray(init_lr, jnp.float32),
+        "w1": jax.random.normal(key, (width, hidden)) / np.sqrt(width),
+        "b1": jnp.zeros((hidden,)),
+        "w2": jnp.zeros((hidden,)),
+        "b2": jnp.zeros(()),
+    }
+
+
+class LearnedOptimizerState(NamedTuple):
+    count: jax.Array
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_learned_optimizer(
+    weights: dict, num_steps: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """A learned update rule: ``update = -(lr * g + mlp(features))`` for every parameter element.
+
+    The features are the gradient ``g``, its bias-corrected running mean ``m`` (``beta1``), both
+    divided by the root of the bias-corrected running mean square (``beta2``), and the inner step
+    ``t / num_steps`` (held at 1 past the trained steps); ``mlp`` has one tanh hidden layer
+    (``weights`` from :func:`init_learned_optimizer`). Like Meta-SGD's rates, the weights are
+    meta-parameters: MAML's exact second-order meta-gradient trains them (Andrychowicz et al.
+    2016, Metz et al. 2022's small per-parameter learned optimizers, meta-trained through the
+    unrolled inner loop). With the output layer at zero it is SGD at rate ``weights["lr"]``.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return LearnedOptimizerState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, updates)
+        c1, c2 = 1 - beta1**count, 1 - beta2**count
+        t = jnp.minimum(state.count / num_steps, 1.0)
+
+        def rule(g, m, v):
+            m, r = m / c1.astype(g.dtype), jax.lax.rsqrt(v / c2.astype(g.dtype) + eps)
+
+            def row(name, i=None):  # a weight vector, broadcastable against g[..., None]
+                w = weights[name] if i is None else weights[name][i]
+                return jnp.reshape(w.astype(g.dtype), (1,) * g.ndim + (-1,))
+
+            # the hidden layer: features @ w1 + b1, one feature at a time (the step feature is
+            # the same for every element, and stays unsharded)
+            hidden = row("b1") + t.astype(g.dtype) * row("w1", 4)
+            for i, feature in enumerate((g, m, g * r, m * r)):
+                hidden = hidden + feature[..., None] * row("w1", i)
+            out = jnp.tanh(hidden) @ weights["w2"].astype(g.dtype) + weights["b2"]
+            return -(weights["lr"] * g + out).astype(g.dtype)
+
+        return jax.tree.map(rule, updates, mu, nu), LearnedOptimizerState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def learned_optimizer(
+    loss_fn: LossFn,
+    *,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    init_lr: float,
+    hidden: int = 16,
+    seed: int = 0,
+    inner_tx: optax.GradientTransformation | None = None,
+    first_order: bool = False,
+    remat: bool | int = False,
+    task_map: str | int = "vmap",
+    adapt_mask: AdaptMask = None,
+    task_init: Callable | None = None,
+    multi_step_loss: int = 0,
+    first_order_steps: int = 0,
+) -> MetaAlgorithm:
+    """MAML with a meta-learned inner optimizer (:func:`scale_by_learned_optimizer`).
+
+    ``state.meta_params`` is ``{"params": ..., "optimizer": ...}``: the model's initialisation
+    and the update rule's weights, which start as SGD at ``init_lr`` (``hidden`` units, hidden
+    layer drawn from ``seed``) and are meta-trained with the initialisation through the exact
+    meta-gradient. Other arguments as in :func:`meta_sgd`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> alg = learned_optimizer(lambda p, b, k: (jnp.mean((p - b) ** 2), {}),
+    ...                         outer_tx=optax.adam(1e-3), num_inner_steps=2, init_lr=0.1)
+    >>> sorted(alg.init(jnp.zeros(3)).meta_params["optimizer"])
+    ['b1', 'b2', 'lr', 'w1', 'w2']
+    """
+    weights = init_learned_optimizer(jax.random.key(seed), init_lr, hidden)
+    return _learned_rule(
+        loss_fn,
+        "optimizer",
+        lambda params: jax.tree.map(jnp.array, weights),
+        lambda w: scale_by_learned_optimizer(w, num_inner_steps),
+        **_rule_kwargs(locals()),
     )
 
 
@@ -600,12 +810,124 @@ def reptile(
     adapt_tasks = _adapt_tasks(adapt, loss_fn, task_map, differentiated=False)
     meta_loss = _query_loss_after(adapt, loss_fn, task_map, differentiated=False)
 
-    def meta_grad(meta_params, episodes, key):
+    def meta_grad(meta_params, episodes, key, step=None):
+        del step
         adapted, metrics = adapt_tasks(meta_params, episodes, key)  # adapted: [tasks, ...]
         pseudo_grad = jax.tree.map(lambda p, a: p - jnp.mean(a, axis=0), meta_params, adapted)
         return pseudo_grad, metrics
 
     return _assemble(_identity, outer_tx, meta_loss, meta_grad, adapt)
+
+
+# ----------------------------------------------------------------------------------------------
+# iMAML: the meta-gradient by implicit differentiation of a proximal inner problem.
+
+
+def _conjugate_gradients(matvec: Callable, b: PyTree, steps: int, tol: float) -> PyTree:
+    """``steps`` conjugate-gradient iterations for ``matvec(x) = b`` from ``x = 0``, written
+    out; iterations after the residual falls to ``tol * |b|`` change nothing. (Not
+    ``jax.scipy.sparse.linalg.cg``: its while loop cannot be vmapped over a task axis sharded
+    on an Explicit mesh in this jax.)"""
+    vdot, axpy = optax.tree.vdot, lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)
+    x = jax.tree.map(jnp.zeros_like, b)
+    r = p = b
+    rs = vdot(r, r)
+    stop = tol**2 * rs
+    for _ in range(steps):
+        ap = matvec(p)
+        active = rs > stop
+        alpha = jnp.where(active, rs / jnp.where(active, vdot(p, ap), 1.0), 0.0)
+        x, r = axpy(alpha, p, x), axpy(-alpha, ap, r)
+        rs_new = vdot(r, r)
+        beta = jnp.where(active, rs_new / jnp.where(active, rs, 1.0), 0.0)
+        p = axpy(beta, p, r)
+        rs = jnp.where(active, rs_new, rs)
+    return x
+
+
+def imaml(
+    loss_fn: LossFn,
+    *,
+    inner_tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    num_inner_steps: int,
+    lam: float,
+    cg_steps: int = 5,
+    cg_tol: float = 0.0,
+    task_map: str | int = "vmap",
+    task_init: Callable | None = None,
+) -> MetaAlgorithm:
+    """iMAML (Rajeswaran et al. 2019): implicit meta-gradients, memory flat in the inner steps.
+
+    Each task minimises the proximal support loss ``L(phi) + lam / 2 |phi - theta|^2`` from
+    ``phi = theta`` with ``num_inner_steps`` updates of ``inner_tx``; the inner loop is not
+    differentiated (nothing of it is kept). At a minimum ``phi*``, ``d phi* / d theta =
+    (I + H / lam)^-1`` with ``H`` the Hessian of ``L`` at ``phi*``, so the task's meta-gradient
+    is the ``v`` solving ``(I + H / lam) v = g``, ``g`` the query gradient at ``phi*``:
+    ``cg_steps`` conjugate-gradient iterations (those after the residual falls below ``cg_tol``
+    relative to ``g`` change nothing) on Hessian-vector products (reverse over reverse: unlike
+    ``jax.jvp`` of ``jax.grad`` it also runs through models with ``custom_vjp`` parts). The
+    gradient is exact where the inner loop has converged and CG has; it needs ``I + H / lam``
+    positive definite (``lam`` above the largest negative curvature of ``L``).
+    ``task_init`` (e.g. a prototype head) sets ``theta`` per task and is differentiated as usual.
+    ``inner_losses`` are the proximal support losses. Other arguments as in :func:`maml`.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> loss_fn = lambda p, b, k: (0.5 * jnp.sum((p - b) ** 2), {})
+    >>> alg = imaml(loss_fn, inner_tx=optax.sgd(0.5), outer_tx=optax.sgd(1.0),
+    ...             num_inner_steps=50, lam=1.0)
+    >>> episodes = Episode(support=jnp.full((1, 1), 2.0), query=jnp.full((1, 1), 2.0))
+    >>> grads, _ = alg.meta_grad(jnp.zeros(1), episodes, jax.random.key(0))
+    >>> grads.round(4).tolist()  # phi* = (2 + theta) / 2: d/dtheta 0.5 (phi* - 2)^2 = -0.5
+    [-0.5]
+    """
+    _check_common(num_inner_steps, outer_tx, task_map)
+    _check_tx("inner_tx", inner_tx)
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam={lam!r} must be a positive finite proximal strength.")
+    if not isinstance(cg_steps, int) or cg_steps < 1:
+        raise ValueError(f"cg_steps={cg_steps!r} must be an int >= 1.")
+    if not cg_tol >= 0:
+        raise ValueError(f"cg_tol={cg_tol!r} must be >= 0 (0: always cg_steps iterations).")
+
+    def proximal_solve(center, support, key, num_steps):
+        def proximal_loss(params, batch, step_key):
+            loss, metrics = loss_fn(params, batch, step_key)
+            sq = optax.tree.norm(jax.tree.map(jnp.subtract, params, center), squared=True)
+            return loss + 0.5 * lam * sq, metrics
+
+        fn = make_adapt_fn(proximal_loss, inner_tx, num_steps, first_order=True)
+        return fn(center, support, key)
+
+    def solver(num_steps):
+        @jax.custom_vjp
+        def solve(center, support, key):
+            return proximal_solve(jax.lax.stop_gradient(center), support, key, num_steps)
+
+        def fwd(center, support, key):
+            out = solve(center, support, key)
+            return out, (out[0], support, key)
+
+        def bwd(residuals, cotangents):
+            adapted, support, key = residuals
+            grad_fn = jax.grad(lambda p: loss_fn(p, support, key)[0])
+
+            def matvec(v):  # (I + H / lam) v, H v as the gradient of <grad L, v>
+                hv = jax.grad(lambda p: optax.tree.vdot(grad_fn(p), v))(adapted)
+                return jax.tree.map(lambda a, b: a + b / lam, v, hv)
+
+            return _conjugate_gradients(matvec, cotangents[0], cg_steps, cg_tol), None, None
+
+        solve.defvjp(fwd, bwd)
+        return solve
+
+    def adapt(meta_params, support, key, num_steps=None, shared=None):
+        del shared  # the inner loop is not differentiated: nothing to share
+        center = meta_params if task_init is None else task_init(meta_params, support)
+        return solver(num_inner_steps if num_steps is None else num_steps)(center, support, key)
+
+    meta_loss = _query_loss_after(adapt, loss_fn, task_map)
+    return _assemble(_identity, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,22 +989,31 @@ def multitask(loss_fn: LossFn, *, outer_tx: optax.GradientTransformation) -> Met
     """
     _check_common(1, outer_tx, "vmap")
 
-    def meta_loss(params, batch, key):
+    def meta_loss(params, batch, key, step=None):
+        del step
         loss, metrics = loss_fn(params, batch, key)
         return loss, {"loss": loss, **{f"query_{k}": v for k, v in metrics.items()}}
-
-    def meta_grad(params, batch, key):
-        (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(params, batch, key)
-        return grads, metrics
 
     def adapt(params, support, key, num_steps=None, shared=None):
         del support, key, num_steps, shared
         return params, jnp.zeros((0,))
 
-    return _assemble(_identity, outer_tx, meta_loss, meta_grad, adapt)
+    return _assemble(_identity, outer_tx, meta_loss, _grad_of(meta_loss), adapt)
 
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "meta_sgd", "lslr", "anil", "protonet", "multitask")
+ALGORITHMS = (
+    "maml",
+    "fomaml",
+    "reptile",
+    "meta_sgd",
+    "lslr",
+    "mamlpp",
+    "anil",
+    "imaml",
+    "learned_opt",
+    "protonet",
+    "multitask",
+)
 
 
 def make_algorithm(
@@ -701,10 +1032,13 @@ def make_algorithm(
     ``inner_lr``: what a config's or a command line's method name means.
 
     ``inner_transform`` is applied to the inner gradients before the learning rate (e.g.
-    ``optax.clip_by_global_norm``); Meta-SGD and LSLR start their learned rates at
-    ``inner_lr``; ``"anil"`` is MAML adapting ``adapt_mask`` only (required); ``"protonet"``
-    needs ``task_init``; ``"multitask"`` is :func:`multitask` and ignores the inner settings.
-    ``kwargs`` (``remat``, ``task_map``, ...) go to the factory.
+    ``optax.clip_by_global_norm``); Meta-SGD, LSLR and the learned optimizer start their
+    learned rates at ``inner_lr``; ``"mamlpp"`` is LSLR with MAML++'s schedules (pass
+    ``multi_step_loss`` and ``first_order_steps``); ``"anil"`` is MAML adapting ``adapt_mask``
+    only (required); ``"imaml"`` needs ``lam``; ``"protonet"`` needs ``task_init`` (the
+    prototype head, or the ridge-regression head for R2D2); ``"multitask"`` is
+    :func:`multitask` and ignores the inner settings. ``kwargs`` (``remat``, ``task_map``,
+    ``cg_steps``, ...) go to the factory.
 
     >>> import jax.numpy as jnp, optax
     >>> loss_fn = lambda p, b, k: (jnp.mean((p - b) ** 2), {})
@@ -722,6 +1056,27 @@ def make_algorithm(
         raise ValueError(f"{name} adapts with inner SGD: pass inner_lr.")
     if name == "anil" and adapt_mask is None:
         raise ValueError("anil adapts only the head: pass adapt_mask (e.g. path_filter('head')).")
+    if name == "mamlpp" and not {"multi_step_loss", "first_order_steps"} <= set(kwargs):
+        raise ValueError(
+            "mamlpp is LSLR with MAML++'s schedules: pass multi_step_loss and first_order_steps "
+            "(numbers of meta-steps), e.g. a tenth and a quarter of the training steps."
+        )
+    if name == "imaml":
+        if "lam" not in kwargs:
+            raise ValueError("imaml needs lam, the proximal strength (e.g. lam=1.0).")
+        if adapt_mask is not None:
+            raise ValueError("imaml adapts every parameter: pass adapt_mask=None.")
+        inner = optax.sgd(inner_lr)
+        if inner_transform is not None:
+            inner = optax.chain(inner_transform, inner)
+        return imaml(
+            loss_fn,
+            inner_tx=inner,
+            outer_tx=outer_tx,
+            num_inner_steps=num_inner_steps,
+            task_init=task_init,
+            **kwargs,
+        )
     common = dict(
         outer_tx=outer_tx,
         num_inner_steps=num_inner_steps,
@@ -729,8 +1084,8 @@ def make_algorithm(
         task_init=task_init,
         **kwargs,
     )
-    if name in ("meta_sgd", "lslr"):
-        factory = meta_sgd if name == "meta_sgd" else lslr
+    if name in ("meta_sgd", "lslr", "mamlpp", "learned_opt"):
+        factory = {"meta_sgd": meta_sgd, "learned_opt": learned_optimizer}.get(name, lslr)
         return factory(loss_fn, init_lr=inner_lr, inner_tx=inner_transform, **common)
     inner = optax.sgd(inner_lr)
     if inner_transform is not None:

@@ -131,11 +131,11 @@ def _checkpointed_loop(step: Callable, carry: PyTree, keys: jax.Array, segment: 
 
         segment_keys = keys[: full * segment].reshape(full, segment, *keys.shape[1:])
         carry, seg_losses = jax.lax.scan(run_segment, carry, segment_keys)
-        losses.append(seg_losses.reshape(-1))
+        losses.append(jax.tree.map(lambda x: x.reshape(-1), seg_losses))
     if rest:
         carry, tail_losses = jax.lax.scan(step, carry, keys[full * segment :])
         losses.append(tail_losses)
-    return carry, jnp.concatenate(losses)
+    return carry, jax.tree.map(lambda *x: jnp.concatenate(x), *losses)
 
 
 def make_adapt_fn(
@@ -170,8 +170,11 @@ def make_adapt_fn(
         class prototypes (Proto-MAML) or zeroed per task (see :mod:`metaflax.heads`).
 
     Returns:
-      ``adapt(params, support, key, shared=None) -> (adapted_params, inner_losses)`` where
-      ``inner_losses`` has shape ``[num_steps]`` and holds the support loss before each update.
+      ``adapt(params, support, key, shared=None, query=None) -> (adapted_params,
+      inner_losses)`` where ``inner_losses`` has shape ``[num_steps]`` and holds the support loss
+      before each update. With ``query=(batch, key)`` it returns ``(adapted_params,
+      inner_losses, query_losses)``, ``query_losses[i]`` the loss on ``batch`` after update
+      ``i + 1`` (MAML++'s multi-step loss differentiates their weighted sum).
       ``shared``, if given, must equal ``params`` in value: under ``vmap``, the meta-parameters
       closed over (not mapped), while ``params`` is their per-task copy from
       :func:`broadcast_to_tasks`. The first step's gradient is then taken at ``shared`` (one
@@ -191,7 +194,7 @@ def make_adapt_fn(
         raise ValueError(f"num_steps={num_steps} must be >= 1 (the number of inner updates).")
     segment = _remat_segment(remat)
 
-    def adapt(params: PyTree, support: PyTree, key: jax.Array, shared: PyTree = None):
+    def adapt(params: PyTree, support: PyTree, key: jax.Array, shared: PyTree = None, query=None):
         def inner_step(carry, step_key, at=None):
             params, opt_state = carry
             (loss, _), grads = jax.value_and_grad(
@@ -200,30 +203,33 @@ def make_adapt_fn(
             updates, opt_state = inner_tx.update(grads, opt_state, params)
             if first_order:
                 updates = jax.lax.stop_gradient(updates)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            params = optax.apply_updates(params, updates)
+            if query is not None:
+                loss = (loss, _call_loss(loss_fn, params, *query)[0])
+            return (params, opt_state), loss
 
         if task_init is not None:
             params = task_init(params, support)
         carry = (params, inner_tx.init(params))
         step_keys = jax.random.split(key, num_steps)
         if segment:  # always a loop: see _checkpointed_loop
-            (adapted, _), inner_losses = _checkpointed_loop(
+            (adapted, _), losses = _checkpointed_loop(
                 jax.checkpoint(inner_step), carry, step_keys, segment
             )
-            return adapted, inner_losses
-        if num_steps > _UNROLL:  # long loops stay a compact loop
-            (adapted, _), inner_losses = jax.lax.scan(inner_step, carry, step_keys)
-            return adapted, inner_losses
-        # Short loops are written out step by step, not as a scan: under vmap a scan's carry is
-        # batched from the start, so the first step's gradient would run per-task matmuls on
-        # copies of the meta-parameters; straight-line code takes it at ``shared``.
-        losses = []
-        at = shared if task_init is None else None
-        for step_key in step_keys:
-            carry, loss = inner_step(carry, step_key, at)
-            at = None
-            losses.append(loss)
-        return carry[0], jnp.stack(losses)
+        elif num_steps > _UNROLL:  # long loops stay a compact loop
+            (adapted, _), losses = jax.lax.scan(inner_step, carry, step_keys)
+        else:
+            # Short loops are written out step by step, not as a scan: under vmap a scan's carry
+            # is batched from the start, so the first step's gradient would run per-task matmuls
+            # on copies of the meta-parameters; straight-line code takes it at ``shared``.
+            per_step = []
+            at = shared if task_init is None else None
+            for step_key in step_keys:
+                carry, loss = inner_step(carry, step_key, at)
+                at = None
+                per_step.append(loss)
+            adapted, losses = carry[0], jax.tree.map(lambda *x: jnp.stack(x), *per_step)
+        return (adapted, losses) if query is None else (adapted, *losses)
 
     return adapt
 

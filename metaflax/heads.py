@@ -9,7 +9,10 @@ per class. Two standard fixes, as ``task_init`` for the algorithms:
 
 - ``head_init="zero"``: the head is set to zero at the start of every task (Kao et al. 2022);
 - ``head_init="proto"``: the head is set from the support set's class prototypes, ``W_c = 2 mu_c``,
-  ``b_c = -|mu_c|^2`` (Proto-MAML, Triantafillou et al. 2020), differentiably.
+  ``b_c = -|mu_c|^2`` (Proto-MAML, Triantafillou et al. 2020), differentiably;
+- ``head_init="ridge"``: the head is the ridge regression of the support set's one-hot labels on
+  its features, solved in closed form (R2D2, Bertinetto et al. 2019; Bao et al. 2020), with a
+  meta-learned regularisation and output scale (:func:`ridge_head`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 PyTree = Any
 EncodeFn = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-HEAD_INITS = ("learned", "zero", "proto")
+HEAD_INITS = ("learned", "zero", "proto", "ridge")
 
 
 def init_classifier(encoder_params: PyTree, hidden: int, ways: int) -> dict:
@@ -173,8 +176,39 @@ def classification_loss_fn(encode_fn: EncodeFn) -> Callable:
     return loss_fn
 
 
+def init_ridge(lam: float = 1.0, scale: float = 10.0) -> dict:
+    """The meta-parameters of the ridge head, ``params["ridge"]``: ``log_lambda`` (the
+    regularisation) and ``log_scale`` (the logits' scale), learned in log space."""
+    return {
+        "log_lambda": jnp.asarray(np.log(lam), jnp.float32),
+        "log_scale": jnp.asarray(np.log(scale), jnp.float32),
+    }
+
+
+def ridge_head(features, labels, ways: int, ridge: dict) -> dict:
+    """The closed-form ridge-regression classifier of one support set: ``{"kernel", "bias"}``.
+
+    With ``X`` the features ``[n, h]`` with a column of ones appended (the bias) and ``Y`` the
+    one-hot labels ``[n, ways]``, ``W = X^T (X X^T + lam I)^-1 Y``, the minimiser of
+    ``|X W - Y|^2 + lam |W|^2``: the same as ``(X^T X + lam I)^-1 X^T Y`` (Woodbury), but an
+    ``n x n`` solve (a Cholesky factorisation) for ``n`` support examples, cheap for few shots
+    whatever ``h``. ``lam = exp(ridge["log_lambda"])``; the head's logits are
+    ``exp(ridge["log_scale"]) * X_query W``. Differentiable in the features and both
+    meta-parameters (R2D2, Bertinetto et al. 2019).
+    """
+    x = jnp.concatenate([features, jnp.ones((features.shape[0], 1), features.dtype)], -1)
+    y = jax.nn.one_hot(labels, ways, dtype=x.dtype)
+    lam = jnp.exp(ridge["log_lambda"]).astype(x.dtype)
+    gram = x @ x.T + lam * jnp.eye(x.shape[0], dtype=x.dtype)
+    w = jnp.exp(ridge["log_scale"]).astype(x.dtype) * (
+        x.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), y)
+    )
+    return {"kernel": w[:-1], "bias": w[-1]}
+
+
 def classifier_task_init(encode_fn: EncodeFn, head_init: str, ways: int) -> Callable | None:
-    """The ``task_init`` for ``head_init`` in ``("learned", "zero", "proto")``."""
+    """The ``task_init`` for ``head_init`` in :data:`HEAD_INITS` (``"ridge"`` reads its
+    meta-parameters from ``params["ridge"]``, see :func:`init_ridge`)."""
     if head_init not in HEAD_INITS:
         raise ValueError(f"head_init={head_init!r} is not valid; use one of {HEAD_INITS}.")
     if head_init == "learned":
@@ -184,6 +218,14 @@ def classifier_task_init(encode_fn: EncodeFn, head_init: str, ways: int) -> Call
         head = params["head"]
         if head_init == "zero":
             head = jax.tree.map(jnp.zeros_like, head)
+        elif head_init == "ridge":
+            if "ridge" not in params:
+                raise KeyError(
+                    "head_init='ridge' reads its regularisation and scale from params['ridge']: "
+                    "add it, params = {**params, 'ridge': heads.init_ridge()}."
+                )
+            _, pooled = encode_fn(params["encoder"], support["tokens"], support["mask"])
+            head = ridge_head(pooled, support["label"], ways, params["ridge"])
         else:
             _, pooled = encode_fn(params["encoder"], support["tokens"], support["mask"])
             onehot = jax.nn.one_hot(support["label"], ways, dtype=pooled.dtype)  # [n, ways]

@@ -166,7 +166,7 @@ def shard(alg: MetaAlgorithm, mesh: Mesh, params: PyTree, *, mode: str = "jit"):
             meta_params = jax.tree.map(
                 lambda p: jax.lax.pcast(p, TASKS, to="varying"), state.meta_params
             )
-            grads, metrics = alg.meta_grad(meta_params, episodes, keys)
+            grads, metrics = alg.meta_grad(meta_params, episodes, keys, step=state.step)
             grads, metrics = jax.lax.pmean((grads, metrics), TASKS)
             return alg.outer_update(state, grads, metrics)
 

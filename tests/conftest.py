@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -14,6 +16,18 @@ if not os.environ.get("METAFLAX_DATA_DIR") and os.path.isdir(_SHARED):
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # 8 fake CPU devices, so the sharding tests run everywhere (other tests use device 0 only).
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One compilation cache for this run, shared by the xdist workers (many tests compile the same
+# small programs); removed when the run ends, so every run starts cold as CI's does.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_CACHE = os.path.join(tempfile.gettempdir(), f"metaflax-test-jax-cache-{_RUN}")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -41,7 +41,25 @@ def make_algorithm(name, loss_fn, num_inner_steps=2):
         return mf.meta_sgd(loss_fn, outer_tx=outer, init_lr=0.05, **kw)
     if name == "lslr":
         return mf.lslr(loss_fn, outer_tx=outer, init_lr=0.05, **kw)
+    if name == "mamlpp":  # over three steps: first order with the multi-step loss, then neither
+        return mf.lslr(
+            loss_fn, outer_tx=outer, init_lr=0.05, multi_step_loss=2, first_order_steps=1, **kw
+        )
+    if name == "learned_opt":
+        return mf.learned_optimizer(loss_fn, outer_tx=outer, init_lr=0.05, hidden=4, **kw)
+    if name == "imaml":
+        return mf.imaml(loss_fn, inner_tx=inner, outer_tx=outer, lam=10.0, cg_steps=3, **kw)
     raise ValueError(name)
 
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "lslr")
+ALGORITHMS = (
+    "maml",
+    "fomaml",
+    "anil",
+    "reptile",
+    "meta_sgd",
+    "lslr",
+    "mamlpp",
+    "learned_opt",
+    "imaml",
+)

@@ -23,12 +23,20 @@ def _config(**fields):
 
 
 def test_the_fine_tune_stage(tmp_path, capsys):
-    """One tiny training run (compiles are the cost), then every check of the exports."""
+    """One tiny training run (compiles are the cost), then every check of the exports; MAML++,
+    iMAML, the learned inner optimizer and R2D2 go through the trainer in the same run."""
     workdir = tmp_path / "run"
-    config = _config(methods=("meta_sgd", "protonet"))
-    fewshot.train_and_evaluate(config, str(workdir))
+    newer = ("mamlpp", "imaml", "learned_opt", "r2d2")
+    config = _config(methods=("meta_sgd", "protonet", *newer))
+    config.overrides.imaml.num_inner_steps = 2
+    results = fewshot.train_and_evaluate(config, str(workdir))
+    for method in newer:
+        scores = results["methods"][method]["scores"]["cldr"]
+        assert 0.2 < scores["1-shot/1-step"]["accuracy"]["mean"] <= 1, method
+    r2d2 = results["methods"]["r2d2"]["scores"]["cldr"]  # the ridge head, no gradient steps
+    assert r2d2["1-shot/0-step"] == r2d2["1-shot/1-step"]
     family = fam.make_family(config)
-    for method in ("meta_sgd", "protonet"):
+    for method in ("meta_sgd", "protonet", "learned_opt", "r2d2"):
         _check_round_trip(config, family, workdir, method)
     _check_adapt_command(family, workdir, tmp_path, capsys)
     _check_ways(family, workdir)
@@ -55,9 +63,9 @@ def _task(languages, shots, seed=0):
 def _check_round_trip(config, family, workdir, method):
     """Adapting from the export gives the predictions of adapting from the checkpoint."""
     clf = adapt.load(str(workdir / "export" / method))
-    params = training.merged_params({"cldr": family})
     cfg = training.method_config(config, method)
-    alg = training.make_algorithm(method, family.loss_fn, family.task_init, cfg)
+    params = training.model_params(method, cfg, training.merged_params({"cldr": family}))
+    alg = training.make_algorithm(method, family.loss_fn, family.method_init(method), cfg)
     abstract = jax.eval_shape(alg.init, params)
     mngr, state, _ = checkpoints.restore_latest(
         str(workdir / "checkpoints" / method), abstract, keep=2

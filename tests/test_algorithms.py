@@ -216,3 +216,187 @@ def test_multitask_step_is_one_outer_step_on_the_pooled_loss():
     assert tree_allclose(skipped.meta_params, state.meta_params, rtol=0, atol=0)
     with pytest.raises(FloatingPointError):
         mf.check_finite(metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# iMAML, MAML++'s schedules, the learned inner optimizer.
+
+
+def _quadratic_tasks(rng, tasks, dim):
+    """Per task: a support loss 0.5 (p - a)^T A (p - a) (A symmetric positive definite) and a
+    query loss 0.5 |p - b|^2."""
+    q = np.linalg.qr(rng.normal(size=(tasks, dim, dim)))[0]
+    a_mat = q @ (rng.uniform(0.5, 2.0, (tasks, dim))[..., None] * np.swapaxes(q, 1, 2))
+    support = {"A": a_mat, "a": rng.normal(size=(tasks, dim))}
+    return mf.Episode(support, {"A": np.zeros_like(a_mat), "a": rng.normal(size=(tasks, dim))})
+
+
+def _quadratic_loss(p, batch, key):
+    del key
+    d = p - batch["a"]
+    return 0.5 * d @ batch["A"] @ d + 0.5 * jnp.sum(d**2) * jnp.all(batch["A"] == 0), {}
+
+
+def test_imaml_equals_the_closed_form_on_quadratics(x64):
+    """phi* = (A + lam I)^-1 (A a + lam theta); the meta-gradient lam (A + lam I)^-1 (phi* - b),
+    averaged over tasks: CG with as many iterations as dimensions is exact."""
+    rng, dim, lam = np.random.default_rng(0), 4, 0.7
+    episodes = jax.tree.map(jnp.asarray, _quadratic_tasks(rng, 3, dim))
+    theta = jnp.asarray(rng.normal(size=dim))
+    alg = mf.imaml(
+        _quadratic_loss, inner_tx=optax.sgd(0.3), outer_tx=optax.sgd(1.0), num_inner_steps=200,
+        lam=lam, cg_steps=dim,
+    )  # fmt: skip
+    grads, metrics = jax.jit(alg.meta_grad)(theta, episodes, jax.random.key(0))
+    expected, losses = [], []
+    halves = (episodes.support["A"], episodes.support["a"], episodes.query["a"])
+    for a_mat, a, b in zip(*halves, strict=True):
+        reg = np.asarray(a_mat) + lam * np.eye(dim)
+        phi = np.linalg.solve(reg, a_mat @ a + lam * theta)
+        expected.append(lam * np.linalg.solve(reg, phi - b))
+        losses.append(0.5 * np.sum((phi - b) ** 2))
+    np.testing.assert_allclose(grads, np.mean(expected, 0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-9)
+
+
+def test_imaml_matches_finite_differences_of_the_converged_solution(x64):
+    """On an MLP with the inner loop run to convergence, the implicit meta-gradient equals the
+    derivative of theta -> query loss(phi*(theta)) by central differences; the CG error falls
+    with the number of iterations."""
+    loss_fn, params, episodes = sinusoid_setup(hidden=(6,), tasks=2, dtype=jnp.float64)
+    kw = dict(inner_tx=optax.sgd(0.02), outer_tx=optax.sgd(1.0), num_inner_steps=300, lam=10.0)
+    key = jax.random.key(0)
+    exact = mf.imaml(loss_fn, cg_steps=25, **kw)  # 19 parameters: CG is exact in 19
+    grads, _ = jax.jit(exact.meta_grad)(params, episodes, key)
+    direction = jax.tree.map(
+        lambda p: jnp.asarray(np.random.default_rng(1).normal(size=p.shape)), params
+    )
+    loss = jax.jit(lambda p: exact.meta_loss(p, episodes, key)[0])
+    eps = 1e-5
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)  # noqa: E731
+    fd = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
+    analytic = sum(
+        jnp.vdot(g, d)
+        for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+    )
+    np.testing.assert_allclose(analytic, fd, rtol=1e-6)
+    errors = []
+    for steps in (1, 3, 10):
+        g, _ = jax.jit(mf.imaml(loss_fn, cg_steps=steps, **kw).meta_grad)(params, episodes, key)
+        errors.append(float(optax.tree.norm(jax.tree.map(jnp.subtract, g, grads))))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_imaml_memory_does_not_grow_with_inner_steps():
+    loss_fn, params, episodes = sinusoid_setup(hidden=(32, 32), tasks=2)
+
+    def temp_bytes(num_inner_steps):
+        alg = mf.imaml(
+            loss_fn, inner_tx=optax.sgd(0.01), outer_tx=optax.sgd(0.1),
+            num_inner_steps=num_inner_steps, lam=1.0,
+        )  # fmt: skip
+        compiled = jax.jit(alg.meta_grad).lower(params, episodes, jax.random.key(0)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(24) == temp_bytes(6)
+
+
+def test_multi_step_loss_is_the_weighted_sum_of_per_step_query_losses():
+    loss_fn, params, episodes = sinusoid_setup(tasks=2)
+    inner, n, lr = optax.sgd(0.05), 3, 0.05
+    kw = dict(inner_tx=inner, outer_tx=optax.sgd(0.1), num_inner_steps=n)
+    msl, plain = mf.maml(loss_fn, multi_step_loss=10, **kw), mf.maml(loss_fn, **kw)
+    key = jax.random.key(0)
+
+    def by_hand(p, weights):  # SGD written out, the query loss after every step
+        total = 0.0
+        for i, task_key in enumerate(jax.random.split(key, 2)):
+            inner_key, query_key = jax.random.split(task_key)
+            task = jax.tree.map(lambda x: x[i], episodes)  # noqa: B023
+            adapted = p
+            for w, step_key in zip(weights, jax.random.split(inner_key, n), strict=True):
+                g = jax.grad(lambda q: loss_fn(q, task.support, step_key)[0])(adapted)  # noqa: B023
+                adapted = jax.tree.map(lambda a, b: a - lr * b, adapted, g)
+                total = total + w * loss_fn(adapted, task.query, query_key)[0]
+        return total / 2
+
+    for step in (0, 4):
+        weights = mf.multi_step_loss_weights(n, 10, step)
+        np.testing.assert_allclose(float(jnp.sum(weights)), 1.0, rtol=1e-6)
+        expected_loss, expected_grads = jax.jit(jax.value_and_grad(by_hand))(params, weights)
+        (loss, _), grads = jax.value_and_grad(msl.meta_loss, has_aux=True)(
+            params, episodes, key, step
+        )
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+        assert tree_allclose(grads, expected_grads, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mf.multi_step_loss_weights(n, 10, 5), [0.5 / 3, 0.5 / 3, 2 / 3])
+    # Past the annealing (and with no step): the last step's loss only, MAML's numbers.
+    np.testing.assert_array_equal(mf.multi_step_loss_weights(n, 10, 10), [0, 0, 1])
+    a = jax.jit(lambda s: msl.meta_grad(params, episodes, key, s))(10)
+    b = jax.jit(plain.meta_grad)(params, episodes, key)
+    assert tree_allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+
+
+def test_derivative_order_annealing_switches_inside_one_program():
+    """first_order_steps=2: steps 0-1 equal FOMAML's, steps 2-3 MAML's, from one jitted step
+    that carries the outer optimizer's state across the switch."""
+    loss_fn, params, episodes = sinusoid_setup(tasks=2)
+    kw = dict(inner_tx=optax.sgd(0.05), outer_tx=optax.adam(1e-2), num_inner_steps=2)
+    annealed = mf.maml(loss_fn, first_order_steps=2, **kw)
+    fo, so = mf.maml(loss_fn, first_order=True, **kw), mf.maml(loss_fn, **kw)
+    step = jax.jit(annealed.step)
+    state = ref = annealed.init(params)
+    for i in range(4):
+        key = jax.random.key(i)
+        state, _ = step(state, episodes, key)
+        ref, _ = (fo if i < 2 else so).step(ref, episodes, key)
+        assert tree_allclose(state, ref, rtol=1e-5, atol=1e-7), i
+    assert step._cache_size() == 1
+    with pytest.raises(ValueError, match="pass one of them"):
+        mf.maml(loss_fn, first_order=True, first_order_steps=2, **kw)
+    with pytest.raises(ValueError, match="multi_step_loss=-1 must be an int >= 0"):
+        mf.maml(loss_fn, multi_step_loss=-1, **kw)
+
+
+def test_learned_optimizer_starts_as_sgd_exactly():
+    """At initialisation the learned rule is SGD at init_lr: the same adapted parameters as MAML
+    with optax.sgd, bit for bit, and the same meta-gradient for the model's parameters."""
+    loss_fn, params, episodes = sinusoid_setup(tasks=3)
+    kw = dict(outer_tx=optax.adam(1e-2), num_inner_steps=3)
+    learned = mf.learned_optimizer(loss_fn, init_lr=0.05, **kw)
+    maml = mf.maml(loss_fn, inner_tx=optax.sgd(0.05), **kw)
+    meta = learned.init(params).meta_params
+    support = jax.tree.map(lambda x: x[0], episodes.support)
+    a, _ = learned.adapt(meta, support, jax.random.key(0))
+    b, _ = maml.adapt(params, support, jax.random.key(0))
+    assert tree_allclose(a, b, rtol=0, atol=0)
+    ga, _ = learned.meta_grad(meta, episodes, jax.random.key(1))
+    gb, _ = maml.meta_grad(params, episodes, jax.random.key(1))
+    assert tree_allclose(ga["params"], gb, rtol=1e-5, atol=1e-7)
+    # Its own weights get gradients: the output layer first (the hidden layer's is zero at w2=0).
+    assert float(optax.tree.norm(ga["optimizer"]["w2"])) > 0
+
+
+def test_learned_optimizer_meta_gradient_matches_finite_differences(x64):
+    loss_fn, params, episodes = sinusoid_setup(hidden=(6,), tasks=2, dtype=jnp.float64)
+    alg = mf.learned_optimizer(
+        loss_fn, outer_tx=optax.sgd(1.0), num_inner_steps=3, init_lr=0.05, hidden=4
+    )
+    meta = alg.init(params).meta_params
+    rng = np.random.default_rng(0)  # move off the SGD point so every weight matters
+    meta["optimizer"] = jax.tree.map(
+        lambda w: w + 0.05 * jnp.asarray(rng.normal(size=w.shape)), meta["optimizer"]
+    )
+    key = jax.random.key(0)
+    loss = jax.jit(lambda m: alg.meta_loss(m, episodes, key)[0])
+    grads = jax.grad(loss)(meta)["optimizer"]
+    eps = 1e-6
+    for name in ("lr", "w1", "w2", "b2"):
+        direction = jnp.asarray(rng.normal(size=meta["optimizer"][name].shape))
+
+        def at(s, name=name, direction=direction):
+            opt = {**meta["optimizer"], name: meta["optimizer"][name] + s * eps * direction}
+            return loss({**meta, "optimizer": opt})
+
+        fd = (at(1) - at(-1)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(grads[name], direction), fd, rtol=1e-5, err_msg=name)

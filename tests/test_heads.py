@@ -300,3 +300,40 @@ def test_translation_metrics():
     assert worse["chrf"] < 30 and worse["bleu"] < 10
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         seq2seq.translation_metrics(["a", "b"], ["a"])
+
+
+def test_ridge_head_solves_the_normal_equations_and_differentiates(x64):
+    """The Woodbury form equals numpy's solve of (X^T X + lam I) W = X^T Y (bias column
+    included); its gradient in the features and both meta-parameters matches central
+    differences."""
+    rng = np.random.default_rng(0)
+    features, labels = jnp.asarray(rng.normal(size=(6, 10))), jnp.asarray([0, 1, 2, 0, 1, 2])
+    ridge = jax.tree.map(lambda x: x.astype(jnp.float64), heads.init_ridge(lam=0.5, scale=3.0))
+    head = heads.ridge_head(features, labels, 3, ridge)
+    x = np.concatenate([np.asarray(features), np.ones((6, 1))], 1)
+    y = np.eye(3)[np.asarray(labels)]
+    lam, scale = np.exp(ridge["log_lambda"]), np.exp(ridge["log_scale"])  # 0.5 and 3.0
+    w = scale * np.linalg.solve(x.T @ x + lam * np.eye(11), x.T @ y)
+    np.testing.assert_allclose(head["kernel"], w[:-1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(head["bias"], w[-1], rtol=1e-9, atol=1e-12)
+
+    query = jnp.asarray(rng.normal(size=(4, 10)))
+
+    def score(f, r):  # a query loss through the head
+        h = heads.ridge_head(f, labels, 3, r)
+        return jnp.sum(jax.nn.log_softmax(query @ h["kernel"] + h["bias"][None])[:, 0])
+
+    grads = jax.grad(score, argnums=(0, 1))(features, ridge)
+    eps = 1e-6
+    direction = jnp.asarray(rng.normal(size=features.shape))
+    fd = (score(features + eps * direction, ridge) - score(features - eps * direction, ridge)) / (
+        2 * eps
+    )
+    np.testing.assert_allclose(jnp.vdot(grads[0], direction), fd, rtol=1e-6)
+    for name in ("log_lambda", "log_scale"):
+        up, down = ({**ridge, name: ridge[name] + s * eps} for s in (1, -1))
+        fd = (score(features, up) - score(features, down)) / (2 * eps)
+        np.testing.assert_allclose(grads[1][name], fd, rtol=1e-6, err_msg=name)
+    task_init = heads.classifier_task_init(lambda p, t, m: (None, t), "ridge", 3)
+    with pytest.raises(KeyError, match=r"heads\.init_ridge"):
+        task_init({"encoder": {}, "head": {}}, {"tokens": features, "mask": None, "label": labels})

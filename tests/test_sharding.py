@@ -43,8 +43,11 @@ def test_task_sharded_step_equals_single_device(name, mode):
     ref, ref_metrics = _run_single(alg, params, episodes)
     mesh = sharding.make_mesh()
     state, metrics = _run_sharded(sharding.shard(alg, mesh, params, mode=mode), params, episodes)
+    # The learned optimizer's features divide tiny gradients by their own size: the order of
+    # the task sum's float32 roundings shows in its weights' Adam moments.
+    rtol = 1e-3 if name == "learned_opt" else 1e-5
     assert tree_allclose(state.meta_params, ref.meta_params, rtol=1e-5, atol=1e-6)
-    assert tree_allclose(state.opt_state, ref.opt_state, rtol=1e-5, atol=1e-6)
+    assert tree_allclose(state.opt_state, ref.opt_state, rtol=rtol, atol=1e-6)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     for leaf in jax.tree.leaves(state):
         assert leaf.sharding.spec == P() and leaf.sharding.mesh.shape == mesh.shape

@@ -10,6 +10,8 @@ Results: experiments/README.md, section "Sinusoid regression".
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -29,7 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.steps_per_chunk = 1_000  # steps per jitted scan (progress bar granularity)
     config.algorithms = ("maml", "fomaml", "reptile", "meta_sgd", "lslr")
     # Per-algorithm overrides of the fields above.
-    config.overrides = ml_collections.ConfigDict({"reptile": {"num_inner_steps": 5}})
+    config.overrides = ml_collections.ConfigDict(
+        {"reptile": {"num_inner_steps": 5}, "imaml": {"num_inner_steps": 5}}
+    )
+    common.add_algorithm_settings(config)  # mamlpp, imaml
 
     config.eval = ml_collections.ConfigDict()
     config.eval.shots = (5, 10, 20)

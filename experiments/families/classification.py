@@ -226,6 +226,7 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             val_evaluate=None if val is None else evaluate_on(val),
             centroid_evaluate=centroid_evaluate,
             export=None if shared else export,
+            ridge_init=heads.classifier_task_init(encode_fn, "ridge", ways),
         ),
     )
 

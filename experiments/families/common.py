@@ -43,12 +43,14 @@ class ClassBaselines(NamedTuple):
         no-learning floor (n-gram nearest centroid; ``weighted``: tf-idf) on the test episodes.
       export: ``export(path, method, params, cfg, test_lr)`` writes a trained classifier for
         :mod:`experiments.adapt`; None in mixed runs.
+      ridge_init: ``task_init(params, support)`` with the ridge-regression head (R2D2).
     """
 
     proto_init: Callable
     val_evaluate: Callable | None
     centroid_evaluate: Callable
     export: Callable | None = None
+    ridge_init: Callable | None = None
 
 
 class Family(NamedTuple):
@@ -86,6 +88,15 @@ class Family(NamedTuple):
     def baseline_init(self) -> Callable | None:
         """Where the fine-tuned methods start each test task (the prototype head, if any)."""
         return self.classes.proto_init if self.classes else None
+
+    def method_init(self, method: str) -> Callable | None:
+        """The ``task_init`` ``method`` meta-trains and adapts with: the prototype head for
+        ProtoNet, the ridge head for R2D2 (classification only), else ``task_init``."""
+        if method not in ("protonet", "r2d2"):
+            return self.task_init
+        if self.classes is None:
+            raise ValueError(f"{method} is a classification method; this family has no classes.")
+        return self.classes.proto_init if method == "protonet" else self.classes.ridge_init
 
 
 class Shared(NamedTuple):
