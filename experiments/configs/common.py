@@ -1,5 +1,7 @@
 """Defaults shared by the few-shot text classification configs (``experiments.fewshot``)."""
 
+import math
+
 import ml_collections
 
 
@@ -13,19 +15,20 @@ def with_fields(config: ml_collections.ConfigDict, **fields) -> ml_collections.C
 
 def add_algorithm_settings(config: ml_collections.ConfigDict) -> None:
     """The settings of the meta-learners that have more than inner and outer optimizers."""
-    # MAML++ ("mamlpp": LSLR with these schedules), as fractions of num_steps: the multi-step
-    # loss anneals over the first tenth, first-order meta-gradients for the first quarter
+    # MAML++ ("mamlpp": LSLR with these schedules, 5 inner steps), as fractions of num_steps:
+    # the multi-step loss anneals over the first tenth, first order for the first quarter
     config.mamlpp = ml_collections.ConfigDict({"multi_step_loss": 0.1, "first_order": 0.25})
     # iMAML: the proximal strength and the conjugate-gradient iterations of its meta-gradient
     config.imaml = ml_collections.ConfigDict({"lam": 1.0, "cg_steps": 5})
 
 
 def algorithm_kwargs(method: str, config: ml_collections.ConfigDict) -> dict:
-    """What ``add_algorithm_settings`` means for ``mf.make_algorithm(method, ...)``."""
+    """What ``add_algorithm_settings`` means for ``mf.make_algorithm(method, ...)`` (a fraction
+    above 0 of even a few steps is at least one step)."""
     if method == "mamlpp":
         return dict(
-            multi_step_loss=int(config.mamlpp.multi_step_loss * config.num_steps),
-            first_order_steps=int(config.mamlpp.first_order * config.num_steps),
+            multi_step_loss=math.ceil(config.mamlpp.multi_step_loss * config.num_steps),
+            first_order_steps=math.ceil(config.mamlpp.first_order * config.num_steps),
         )
     if method == "imaml":
         return dict(lam=config.imaml.lam, cg_steps=config.imaml.cg_steps)
@@ -92,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         {
             "reptile": {"num_inner_steps": 5, "eval": {"report_steps": 5}},
             "imaml": {"num_inner_steps": 5, "eval": {"report_steps": 5}},
+            "mamlpp": {"num_inner_steps": 5, "eval": {"report_steps": 5}},
             "multitask": {"num_steps": 2700},
         }
     )
@@ -144,6 +148,7 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.overrides.multitask.num_steps = 20
     config.overrides.reptile.eval.report_steps = 1
     config.overrides.imaml.eval.report_steps = 1
+    config.overrides.mamlpp.eval.report_steps = 1
     config.warmup_steps = 5
     config.log_every = 5
     config.checkpoint_every = 10

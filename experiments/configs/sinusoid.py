@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.algorithms = ("maml", "fomaml", "reptile", "meta_sgd", "lslr")
     # Per-algorithm overrides of the fields above.
     config.overrides = ml_collections.ConfigDict(
-        {"reptile": {"num_inner_steps": 5}, "imaml": {"num_inner_steps": 5}}
+        {name: {"num_inner_steps": 5} for name in ("reptile", "imaml", "mamlpp")}
     )
     common.add_algorithm_settings(config)  # mamlpp, imaml
 
