@@ -187,3 +187,14 @@ def test_decoding_baseline_decodes_what_the_cache_decodes():
     assert cached.shape == (2, 3, 9) and (cached[..., 0] == decoding.BOS).all()
     np.testing.assert_array_equal(cached, full)
     assert len(np.unique(np.asarray(cached[..., 1:]))) > 3  # decoded something, not all EOS
+
+
+def test_imaml_cg_error_falls_to_rounding(x64):
+    """benchmarks.imaml_cg at a tiny size: the inner loop converged, and CG with as many
+    iterations as parameters reaches the explicit-Hessian implicit gradient."""
+    from benchmarks import imaml_cg
+
+    result = imaml_cg.measure(hidden=3, tasks=1, lam=10.0, cg_steps=[1, 30])
+    assert result["parameters"] == 22 and result["max_inner_gradient_norm"] < 1e-10
+    first, last = (r["relative_error"] for r in result["rows"])
+    assert last < 1e-10 < first
