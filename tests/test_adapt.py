@@ -28,7 +28,7 @@ def test_the_fine_tune_stage(tmp_path, capsys):
     workdir = tmp_path / "run"
     newer = ("mamlpp", "imaml", "learned_opt", "r2d2")
     config = _config(methods=("meta_sgd", "protonet", *newer))
-    config.overrides.imaml.num_inner_steps = 2
+    config.overrides.imaml.num_inner_steps = config.overrides.mamlpp.num_inner_steps = 2
     results = fewshot.train_and_evaluate(config, str(workdir))
     for method in newer:
         scores = results["methods"][method]["scores"]["cldr"]
