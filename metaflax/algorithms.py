@@ -1066,30 +1066,18 @@ def make_algorithm(
             raise ValueError("imaml needs lam, the proximal strength (e.g. lam=1.0).")
         if adapt_mask is not None:
             raise ValueError("imaml adapts every parameter: pass adapt_mask=None.")
-        inner = optax.sgd(inner_lr)
-        if inner_transform is not None:
-            inner = optax.chain(inner_transform, inner)
-        return imaml(
-            loss_fn,
-            inner_tx=inner,
-            outer_tx=outer_tx,
-            num_inner_steps=num_inner_steps,
-            task_init=task_init,
-            **kwargs,
-        )
-    common = dict(
-        outer_tx=outer_tx,
-        num_inner_steps=num_inner_steps,
-        adapt_mask=adapt_mask,
-        task_init=task_init,
-        **kwargs,
-    )
+    common = dict(outer_tx=outer_tx, num_inner_steps=num_inner_steps, task_init=task_init, **kwargs)
     if name in ("meta_sgd", "lslr", "mamlpp", "learned_opt"):
         factory = {"meta_sgd": meta_sgd, "learned_opt": learned_optimizer}.get(name, lslr)
-        return factory(loss_fn, init_lr=inner_lr, inner_tx=inner_transform, **common)
+        return factory(
+            loss_fn, init_lr=inner_lr, inner_tx=inner_transform, adapt_mask=adapt_mask, **common
+        )
     inner = optax.sgd(inner_lr)
     if inner_transform is not None:
         inner = optax.chain(inner_transform, inner)
+    if name == "imaml":
+        return imaml(loss_fn, inner_tx=inner, **common)
+    common["adapt_mask"] = adapt_mask
     if name == "reptile":
         return reptile(loss_fn, inner_tx=inner, **common)
     return maml(loss_fn, inner_tx=inner, first_order=name == "fomaml", **common)
