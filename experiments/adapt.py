@@ -79,11 +79,13 @@ def export(
     bert_config: bert.BertConfig | None = None,
     idf: np.ndarray | None = None,
     test_lr: dict | None = None,
+    trunk: bert.FrozenTrunk | None = None,
 ) -> None:
     """Writes a trained classifier (``meta_params`` of ``method``, trained with ``config``) to
     the directory ``path`` (see the module docstring). ``bert_config``: the encoder's, when it
     is a post-LN BERT (written as a BERT checkpoint); ``idf``: the bag of words' IDF;
-    ``test_lr``: the fine-tuned methods' learning rate per shots."""
+    ``test_lr``: the fine-tuned methods' learning rate per shots; ``trunk``: the frozen trunk
+    under a trained top (``model.train_layers``), written with it as one BERT checkpoint."""
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -97,6 +99,8 @@ def export(
         encoder = (
             model["encoder"]["encoder"] if config.model.pool == "mean+bow" else model["encoder"]
         )
+        if trunk is not None:
+            encoder = trunk.merge(encoder)
         bert.save_pretrained(path, encoder, bert_config, tokenizer)
         leaves = {k: v for k, v in leaves.items() if not k.startswith(prefix)}
     elif not isinstance(tokenizer, CharVocab):
@@ -171,9 +175,15 @@ def load(path: str) -> Classifier:
             )
             return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
 
-    encode_fn, encoder_params, hidden = make_encoder(
-        config, settings["vocab_size"], extras.pop("idf", None)
-    )
+    encoder = make_encoder(config, settings["vocab_size"], extras.pop("idf", None))
+    encode_fn, encoder_params, hidden, trunk = encoder
+    if trunk is not None:  # the model reads the frozen trunk's outputs
+        to_ids = tokenize
+
+        def tokenize(texts):
+            ids, mask = to_ids(texts)
+            return bert.trunk_features(trunk, ids, mask), mask
+
     method = settings["method"]
     model = heads.init_classifier(encoder_params, hidden, settings["ways"])
     model = model_params(method, config, model)

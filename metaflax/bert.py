@@ -208,13 +208,25 @@ class BertEncoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
+        mask = _mask(input_ids, attention_mask)
+        return _upper(self, self.lower(input_ids, mask, token_type_ids), mask)
+
+    def lower(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        num_layers: int = 0,
+    ) -> jax.Array:
+        """The hidden states ``[batch, seq, hidden]`` after the embeddings and the first
+        ``num_layers`` blocks (what :func:`freeze_trunk` computes once)."""
         b, t = input_ids.shape  # [batch, seq]
         if t > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence length {t} exceeds max_position_embeddings="
                 f"{self.cfg.max_position_embeddings}; truncate the inputs."
             )
-        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        mask = _mask(input_ids, attention_mask)
         types = jnp.zeros((b, t), jnp.int32) if token_type_ids is None else token_type_ids
         x = (
             jnp.take(self.word_embeddings[...], input_ids, axis=0)
@@ -224,15 +236,31 @@ class BertEncoder(nnx.Module):
         if _compute_dtype(self.cfg) is not None:
             x = x.astype(_compute_dtype(self.cfg))
         x = self.embedding_norm(x) if not self.cfg.pre_ln else x
-        for layer in self.layers:
-            if self.cfg.remat:
-                x = jax.checkpoint(lambda y, layer=layer: layer(y, mask))(x)
-            else:
-                x = layer(x, mask)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        pooled = jnp.tanh(self.pooler(x[:, 0]))
-        return x, pooled
+        return _blocks(self.cfg, self.layers[:num_layers], x, mask)
+
+
+def _mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    if attention_mask is None:
+        return jnp.ones(input_ids.shape, bool)
+    return attention_mask.astype(bool)
+
+
+def _blocks(cfg: BertConfig, layers, x: jax.Array, mask: jax.Array) -> jax.Array:
+    for layer in layers:
+        if cfg.remat:
+            x = jax.checkpoint(lambda y, layer=layer: layer(y, mask))(x)
+        else:
+            x = layer(x, mask)
+    return x
+
+
+def _upper(m, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``m``'s blocks (all of a :class:`BertEncoder`'s, or a :class:`_Top`'s), final norm and
+    pooler on hidden states ``x``: ``(sequence_output, pooled_output)``."""
+    x = _blocks(m.cfg, m.layers, x, mask)
+    if m.final_norm is not None:
+        x = m.final_norm(x)
+    return x, jnp.tanh(m.pooler(x[:, 0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,3 +508,137 @@ def top_layers_filter(cfg: BertConfig, k: int, head: str = "head") -> Callable[[
         return keys[:2] == ["encoder", "pooler"] and k > 0
 
     return lambda params: jax.tree_util.tree_map_with_path(lambda p, _: keep(p), params)
+
+
+class _Top(nnx.Module):
+    """The blocks from ``start`` on, the final norm and the pooler of ``encoder`` (shared)."""
+
+    def __init__(self, encoder: BertEncoder, start: int):
+        self.cfg = encoder.cfg
+        self.layers = nnx.List(list(encoder.layers)[start:])
+        self.final_norm = encoder.final_norm
+        self.pooler = encoder.pooler
+
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _upper(self, x, attention_mask.astype(bool))
+
+
+class FrozenTrunk(NamedTuple):
+    """An encoder cut in two: a frozen trunk (embeddings and the lower blocks) whose outputs are
+    computed once per text, and the trained top (:func:`freeze_trunk`).
+
+    Attributes:
+      trunk_fn: ``trunk_fn(input_ids, attention_mask) -> hidden [batch, seq, hidden]``, jitted,
+        the frozen parameters inside (no gradient flows into them).
+      top_fn: ``top_fn(top_params, hidden, attention_mask) -> (sequence_output, pooled_output)``:
+        on the trunk's output, what the whole encoder returns on the texts.
+      top_params: the top's parameters, ``{"layers": {0: <block start>, ...}, "pooler": ...}``
+        (no ``"layers"`` when no block is trained).
+      merge: ``merge(top_params) -> params`` of the whole :class:`BertEncoder` (for export).
+      fingerprint: a digest of the frozen parameters and the cut (part of a cache key).
+    """
+
+    trunk_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    top_fn: Callable[..., tuple[jax.Array, jax.Array]]
+    top_params: dict
+    merge: Callable[[dict], dict]
+    fingerprint: str
+
+
+def freeze_trunk(encoder: BertEncoder, num_trained: int) -> FrozenTrunk:
+    """Freezes all but the top ``num_trained`` blocks (and the pooler) of ``encoder``.
+
+    ``top_fn(top_params, trunk_fn(ids, mask), mask)`` equals ``encoder(ids, mask)`` up to float
+    rounding, and costs only the top blocks, so a meta-learner that trains the top alone can run
+    on trunk outputs computed once per text (:func:`trunk_features`).
+
+    >>> enc = BertEncoder(BertConfig.tiny(), rngs=nnx.Rngs(0))
+    >>> cut = freeze_trunk(enc, 1)
+    >>> ids = jnp.ones((2, 16), jnp.int32)
+    >>> mask = jnp.ones((2, 16), bool)
+    >>> seq, pooled = cut.top_fn(cut.top_params, cut.trunk_fn(ids, mask), mask)
+    >>> bool(jnp.allclose(pooled, enc(ids, mask)[1], atol=1e-5)), sorted(cut.top_params["layers"])
+    (True, [0])
+    """
+    import hashlib
+
+    from metaflax.functional import functionalize
+
+    total = encoder.cfg.num_hidden_layers
+    if not 0 <= num_trained <= total:
+        raise ValueError(
+            f"num_trained={num_trained} must be between 0 and num_hidden_layers={total}."
+        )
+    start = total - num_trained
+    lower_fn, params = functionalize(encoder, "lower")
+    lower = jax.jit(lower_fn, static_argnums=4)
+    top_fn, top_params = functionalize(_Top(encoder, start))
+
+    def trunk_fn(input_ids, attention_mask):
+        return lower(params, input_ids, attention_mask, None, start)
+
+    def merge(top: dict) -> dict:
+        layers = {**params["layers"], **{start + i: v for i, v in top.get("layers", {}).items()}}
+        return {**params, **top, "layers": layers}
+
+    digest = hashlib.sha256(f"{encoder.cfg}|{start}".encode())
+    frozen = {k: v for k, v in params.items() if k not in ("layers", "pooler", "final_norm")}
+    frozen["layers"] = {i: params["layers"][i] for i in range(start)}
+    for leaf in jax.tree.leaves(frozen):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return FrozenTrunk(trunk_fn, top_fn, top_params, merge, digest.hexdigest()[:16])
+
+
+def trunk_features(
+    trunk: FrozenTrunk,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    *,
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+) -> np.ndarray:
+    """``trunk.trunk_fn`` on every row of ``tokens`` / ``mask`` (``[n, seq]``), ``batch_size``
+    rows at a time: ``[n, seq, hidden]`` float32 on the host, with a progress bar.
+
+    With ``cache_dir`` the result is also stored there as ``trunk-<key>.npy``, the key a digest
+    of the frozen parameters, the cut and the token ids and mask (so another model, tokenizer or
+    dataset never reads it), and read back on the next call instead of computed.
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(
+            f"tokens {tokens.shape} and mask {mask.shape} must be the same [n, seq] shape."
+        )
+    if not len(tokens):
+        raise ValueError("trunk_features got no rows: nothing to encode.")
+    path = None
+    if cache_dir:
+        digest = hashlib.sha256(trunk.fingerprint.encode())
+        for a in (tokens.astype(np.int64), mask.astype(bool)):
+            digest.update(str(a.shape).encode() + a.tobytes())
+        path = os.path.join(cache_dir, f"trunk-{digest.hexdigest()[:24]}.npy")
+        if os.path.isfile(path):
+            try:
+                out = np.load(path, mmap_mode="r")
+                if out.shape[:2] == tokens.shape:
+                    return out
+            except (OSError, ValueError):
+                pass  # a torn or corrupt file: computed again and rewritten below
+    pad = -len(tokens) % batch_size if len(tokens) > batch_size else 0
+    ids = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
+    valid = np.concatenate([mask, np.ones((pad, mask.shape[1]), mask.dtype)])
+    size = min(batch_size, len(ids))
+    parts = []
+    for i in tqdm(range(0, len(ids), size), desc="frozen trunk", unit="batch", leave=False):
+        parts.append(np.asarray(trunk.trunk_fn(ids[i : i + size], valid[i : i + size])))
+    out = np.concatenate(parts)[: len(tokens)].astype(np.float32)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out

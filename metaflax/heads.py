@@ -85,6 +85,18 @@ def _unit(x):
     return x * jax.lax.rsqrt(jnp.sum(x**2, -1, keepdims=True) + 1e-12)
 
 
+def mean_pooled(encode_fn: EncodeFn) -> EncodeFn:
+    """``encode_fn`` whose pooled vector is the mean of the sequence output over the real
+    (``mask``) tokens instead of its own (e.g. BERT's pooler on the first token)."""
+
+    def encode(p, tokens, mask):
+        seq, _ = encode_fn(p, tokens, mask)
+        weights = mask.astype(seq.dtype)[..., None]
+        return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+
+    return encode
+
+
 def with_bag_of_words(
     encode_fn: EncodeFn, encoder_params: PyTree, idf: np.ndarray, ngram: int = 1, scale: float = 4.0
 ) -> tuple[EncodeFn, dict]:

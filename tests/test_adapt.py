@@ -23,12 +23,12 @@ def _config(**fields):
 
 
 def test_the_fine_tune_stage(tmp_path, capsys):
-    """One tiny training run (compiles are the cost), then every check of the exports; MAML++,
-    iMAML, the learned inner optimizer and R2D2 go through the trainer in the same run."""
+    """One tiny training run (compiles are the cost), then every check of the exports; the
+    learned inner optimizer and R2D2 (meta-parameters beside the model) go through the trainer
+    in the same run, MAML++ and iMAML as the trainer builds them (their steps traced)."""
     workdir = tmp_path / "run"
-    newer = ("mamlpp", "imaml", "learned_opt", "r2d2")
+    newer = ("learned_opt", "r2d2")
     config = _config(methods=("meta_sgd", "protonet", *newer))
-    config.overrides.imaml.num_inner_steps = config.overrides.mamlpp.num_inner_steps = 2
     results = fewshot.train_and_evaluate(config, str(workdir))
     for method in newer:
         scores = results["methods"][method]["scores"]["cldr"]
@@ -36,7 +36,14 @@ def test_the_fine_tune_stage(tmp_path, capsys):
     r2d2 = results["methods"]["r2d2"]["scores"]["cldr"]  # the ridge head, no gradient steps
     assert r2d2["1-shot/0-step"] == r2d2["1-shot/1-step"]
     family = fam.make_family(config)
-    for method in ("meta_sgd", "protonet", "learned_opt", "r2d2"):
+    params = training.merged_params({"cldr": family})
+    for method in ("mamlpp", "imaml"):
+        cfg = training.method_config(config, method)
+        alg = training.make_algorithm(method, family.loss_fn, family.method_init(method), cfg)
+        state = alg.init(params)
+        _, metrics = jax.eval_shape(alg.step, state, family.meta_batch(0, 0, 2), jax.random.key(0))
+        assert metrics["loss"].shape == (), method
+    for method in ("meta_sgd", "learned_opt", "r2d2"):  # protonet: in the adapt command
         _check_round_trip(config, family, workdir, method)
     _check_adapt_command(family, workdir, tmp_path, capsys)
     _check_ways(family, workdir)

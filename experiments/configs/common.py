@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.pool = "mean"
     config.model.bow_scale = 4.0  # mean+bow: the bag's initial weight against the mean (learned)
     config.model.bow_buckets = 2**12  # mean+bow with ngram > 1: the hashed bag's width
+    # a pretrained encoder's top blocks that are trained (with the pooler and the head); the
+    # embeddings and lower blocks stay frozen and their outputs are computed once per text and
+    # cached; -1 = the whole encoder is trained
+    config.model.train_layers = -1
 
     config.methods = ("maml", "reptile", "multitask", "ngram_centroid")
     config.ways = 5

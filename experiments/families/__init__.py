@@ -77,6 +77,18 @@ def check_config(config) -> None:
             "model.pool='mean+bow' needs a single classification dataset (its IDF comes from "
             "the meta-training text); use pool='mean' for QA, translation and mixed runs."
         )
+    if config.model.train_layers >= 0 and not (
+        config.model.hf_path
+        and is_classification(config.dataset)
+        and config.meta_train_on == "classes"
+        and config.model.pool in ("mean", "cls")
+    ):
+        raise ValueError(
+            f"model.train_layers={config.model.train_layers} trains the top blocks of a "
+            "pretrained encoder on its frozen trunk's outputs: it needs --config.model.hf_path, "
+            "a classification dataset meta-trained on its classes and model.pool 'mean' or "
+            "'cls'; set model.train_layers=-1 to train the whole encoder."
+        )
     if config.meta_train_on not in ("classes", "smlmt"):
         raise ValueError(f"meta_train_on={config.meta_train_on!r}; valid: 'classes', 'smlmt'.")
     if config.tokenizer not in ("char", "wordpiece", "hf"):

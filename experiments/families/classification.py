@@ -19,6 +19,7 @@ from experiments.families.common import (
     TestAdapt,
     bag_width,
     evaluate_chunks,
+    inputs,
     make_encoder,
     test_chunks,
 )
@@ -122,9 +123,6 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         train = encode(split.train_texts, split.train_labels)
         per_class = config.shots + config.queries
         train = usable_classes(train, per_class, "meta-train", config.ways)
-        sampler = episode_sampler(
-            train, ways=config.ways, shots=config.shots, queries=config.queries
-        )
 
     idf = None  # each token's (n-gram's) IDF in the meta-training text: mean+bow, idf_centroid
     if not shared and (config.model.pool == "mean+bow" or "idf_centroid" in config.methods):
@@ -132,9 +130,18 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         width = bag_width(config, vocab_size)
         codes, valid = heads.ngram_codes(fit.tokens, fit.mask, config.ngram, width)
         idf = heads.inverse_document_frequency(codes, valid, width)
-    encode_fn, encoder_params, hidden = (
-        shared.encoder if shared else make_encoder(config, vocab_size, idf)
-    )
+    encoder = shared.encoder if shared else make_encoder(config, vocab_size, idf)
+    encode_fn, encoder_params, hidden, trunk = encoder
+    test_tokens = test  # token ids, for the n-gram floors
+    if trunk is not None:  # the model reads the frozen trunk's outputs, computed once per text
+        train, val, test = (
+            None if t is None else t._replace(tokens=inputs(encoder, t.tokens, t.mask))
+            for t in (train, val, test)
+        )
+    if train is not None:
+        sampler = episode_sampler(
+            train, ways=config.ways, shots=config.shots, queries=config.queries
+        )
     loss_fn = heads.classification_loss_fn(encode_fn)
     ways = config.ways
     per_step = config.meta_batch_size * ways * (config.shots + config.queries)  # same examples
@@ -159,7 +166,9 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
         return evaluate
 
     def centroid_evaluate(shots: int, cfg, weighted: bool = False) -> dict:
-        test_sampler = episode_sampler(test, ways=ways, shots=shots, queries=cfg.eval.queries)
+        test_sampler = episode_sampler(
+            test_tokens, ways=ways, shots=shots, queries=cfg.eval.queries
+        )
         weights = idf if weighted else None
         accs = []
         for _, eps in test_chunks(test_sampler, shots, cfg):
@@ -178,6 +187,7 @@ def classification_family(config, tokenizer=None, shared: Shared | None = None) 
             path,
             method=method,
             meta_params=params,
+            trunk=trunk,
             config=cfg,
             tokenizer=tokenizer,
             vocab_size=vocab_size,

@@ -4,6 +4,7 @@ loop over held-out episodes."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ from flax import nnx
 
 import metaflax as mf
 from metaflax import bert, heads
+from metaflax.data import builders
 
 # adapt(params, support, key, num_steps) -> adapted params, as a method adapts at test time.
 TestAdapt = Callable[[Any, Any, jax.Array, int], Any]
@@ -99,20 +101,44 @@ class Family(NamedTuple):
         return self.classes.proto_init if method == "protonet" else self.classes.ridge_init
 
 
+class Encoder(NamedTuple):
+    """The text encoder of a family (:func:`make_encoder`).
+
+    Attributes:
+      encode_fn: ``encode_fn(params, inputs, mask) -> (sequence, pooled)``.
+      params: its initial (trained) parameters.
+      hidden: the pooled vector's width.
+      trunk: with ``model.train_layers >= 0``, the frozen lower part of the pretrained encoder:
+        ``inputs`` are then its outputs (:func:`inputs`), not token ids. None otherwise.
+    """
+
+    encode_fn: Callable
+    params: Any
+    hidden: int
+    trunk: bert.FrozenTrunk | None = None
+
+
 class Shared(NamedTuple):
     """A tokenizer and encoder shared by several families in one (mixed) meta-training run."""
 
     tokenizer: Any  # an HF tokenizer with [CLS]/[SEP]/[PAD]
-    encoder: tuple  # (encode_fn, encoder_params, hidden) from make_encoder
+    encoder: Encoder
 
 
-def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None):
-    """``(encode_fn, encoder_params, hidden)``: BERT from scratch or from ``model.hf_path``.
-    ``model.pool="mean+bow"`` needs ``idf``, the IDF in the meta-training text of each token
-    (``ngram=1``) or n-gram bucket (:func:`bag_width` wide)."""
+def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None) -> Encoder:
+    """BERT from scratch or from ``model.hf_path``. ``model.pool="mean+bow"`` needs ``idf``,
+    the IDF in the meta-training text of each token (``ngram=1``) or n-gram bucket
+    (:func:`bag_width` wide). ``model.train_layers=k >= 0`` (a pretrained encoder) trains only
+    its top ``k`` blocks, the pooler and what sits above: ``encode_fn`` then reads the frozen
+    trunk's outputs (:func:`inputs`)."""
+    trunk = None
     if config.model.hf_path:
         pretrained = bert.from_pretrained(config.model.hf_path, seed=config.seed)
-        apply_fn, params = mf.functionalize(pretrained.encoder)
+        if config.model.train_layers >= 0:
+            trunk = bert.freeze_trunk(pretrained.encoder, config.model.train_layers)
+            apply_fn, params = trunk.top_fn, trunk.top_params
+        else:
+            apply_fn, params = mf.functionalize(pretrained.encoder)
         hidden = pretrained.config.hidden_size
     else:
         cfg = bert.BertConfig(
@@ -127,19 +153,25 @@ def make_encoder(config, vocab_size: int, idf: np.ndarray | None = None):
         apply_fn, params = mf.functionalize(bert.BertEncoder(cfg, rngs=nnx.Rngs(config.seed)))
         hidden = cfg.hidden_size
     if config.model.pool == "cls":  # BERT's pooler on the first token
-        return (lambda p, tokens, mask: apply_fn(p, tokens, mask)), params, hidden
+        return Encoder(lambda p, tokens, mask: apply_fn(p, tokens, mask), params, hidden, trunk)
 
-    def encode_fn(p, tokens, mask):  # mean of the final hidden states over real tokens
-        seq, _ = apply_fn(p, tokens, mask)
-        weights = mask.astype(seq.dtype)[..., None]
-        return seq, jnp.sum(seq * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
-
+    encode_fn = heads.mean_pooled(apply_fn)
     if config.model.pool == "mean+bow":  # families.check_config: a classification dataset
         encode_fn, params = heads.with_bag_of_words(
             encode_fn, params, idf, config.ngram, config.model.bow_scale
         )
         hidden += len(idf)
-    return encode_fn, params, hidden
+    return Encoder(encode_fn, params, hidden, trunk)
+
+
+def inputs(encoder: Encoder, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What ``encoder.encode_fn`` reads for token ids ``tokens``: the ids, or with a frozen
+    trunk its outputs, computed once per text and cached under ``METAFLAX_CACHE_DIR``."""
+    if encoder.trunk is None:
+        return tokens
+    return bert.trunk_features(
+        encoder.trunk, tokens, mask, cache_dir=os.path.join(builders.cache_dir(), "trunk")
+    )
 
 
 def bag_width(config, vocab_size: int) -> int:

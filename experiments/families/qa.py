@@ -52,7 +52,7 @@ def qa_family(config, tokenizer=None, shared: Shared | None = None) -> Family:
     test_tok = families.tokenize_qa(test_ex, tokenizer, config.max_len)
     pooled, dropped_train, dropped_test = train_tok[0], train_tok[2], test_tok[2]
     sampler = _sampler(train_ex, tokenizer, train_tok, config.shots, config.queries, config.max_len)
-    encode_fn, encoder_params, hidden = (
+    encode_fn, encoder_params, hidden, _ = (
         shared.encoder if shared else make_encoder(config, len(tokenizer))
     )
     loss_fn = heads.span_loss_fn(encode_fn)

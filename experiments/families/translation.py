@@ -81,7 +81,7 @@ def _shared_model(config, shared: Shared, tgt_len, src_len):
         enc_src=lambda xs: encode(xs, src_len),
         enc_tgt=lambda xs: encode(xs, tgt_len),  # [CLS] words [SEP]: the BOS and EOS of decoding
     )
-    encode_fn, encoder_params, hidden = shared.encoder
+    encode_fn, encoder_params, hidden, _ = shared.encoder
     decoder = seq2seq.Decoder(
         len(tok),
         memory_dim=hidden,
