@@ -20,6 +20,9 @@ LOCK_FILE = ".lock"
 # Fields that do not change any result: where the data is read from, which methods this
 # invocation runs (each method's results are its own), reporting and checkpoint cadence.
 IGNORED = ("name", "methods", "data_dir", "quiet", "checkpoint_every", "checkpoints_to_keep")
+# Fields added after workdirs existed, with the value that does what runs did before them: at
+# that value a field is left out of the settings, so older workdirs and checkpoints still match.
+ADDED_LATER = {"model.train_layers": -1}
 
 
 def write_text(path: str, text: str) -> None:
@@ -60,7 +63,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def settings(config) -> dict:
     """The config's fields that change results, flattened (``model.hidden``: 64, ...)."""
     flat = _flat(json.loads(config.to_json()))
-    return {k: v for k, v in sorted(flat.items()) if k.split(".")[0] not in IGNORED}
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if k.split(".")[0] not in IGNORED and not (k in ADDED_LATER and ADDED_LATER[k] == v)
+    }
 
 
 def fingerprint(config) -> str:

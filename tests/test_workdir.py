@@ -33,6 +33,11 @@ def test_settings_hold_what_changes_results():
     assert wd.fingerprint(a) != wd.fingerprint(b)
     assert {"seed", "model.hidden", "eval.shots"} <= set(wd.settings(a))
     assert not {"methods", "data_dir", "quiet"} & set(wd.settings(a))
+    # A field added later changes nothing at the value that does what runs did before it.
+    assert "model.train_layers" not in wd.settings(a)  # -1: the whole encoder, as before
+    c = _config()
+    c.model.train_layers = 1
+    assert wd.settings(c)["model.train_layers"] == 1 and wd.fingerprint(c) != wd.fingerprint(a)
 
 
 def test_another_config_is_refused_naming_the_fields(tmp_path):
