@@ -175,8 +175,9 @@ def load(path: str) -> Classifier:
             )
             return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
 
-    encoder = make_encoder(config, settings["vocab_size"], extras.pop("idf", None))
-    encode_fn, encoder_params, hidden, trunk = encoder
+    encode_fn, encoder_params, hidden, trunk = make_encoder(
+        config, settings["vocab_size"], extras.pop("idf", None)
+    )
     if trunk is not None:  # the model reads the frozen trunk's outputs
         to_ids = tokenize
 
