@@ -58,14 +58,11 @@ def test_meta_gradients_on_cached_features_equal_the_full_forward_pass():
     def pooled_fn(encode):
         return lambda p, x, m: (None, encode(p, x, m)[1])
 
-    cached = heads.classification_loss_fn(pooled_fn(cut.top_fn))
-    full = heads.classification_loss_fn(
-        pooled_fn(lambda top, ids, m: apply_fn(cut.merge(top), ids, m))
-    )
-    init = heads.classifier_task_init(pooled_fn(cut.top_fn), "proto", 3)
-    init_full = heads.classifier_task_init(
-        pooled_fn(lambda top, ids, m: apply_fn(cut.merge(top), ids, m)), "proto", 3
-    )
+    top = pooled_fn(cut.top_fn)
+    whole = pooled_fn(lambda p, ids, m: apply_fn(cut.merge(p), ids, m))
+    cached, full = heads.classification_loss_fn(top), heads.classification_loss_fn(whole)
+    init = heads.classifier_task_init(top, "proto", 3)
+    init_full = heads.classifier_task_init(whole, "proto", 3)
     params = heads.init_classifier(cut.top_params, CFG.hidden_size, 3)
     ids, mask, labels = _batch(24, seed=2)
     feats = bert.trunk_features(cut, ids, mask, batch_size=10)  # 3 batches, the last padded
